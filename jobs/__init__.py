@@ -1,0 +1,1 @@
+"""Orchestration: configs, the Ray runtime, one module per pipeline stage, the CLI."""

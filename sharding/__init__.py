@@ -1,0 +1,1 @@
+"""Storage and the data contract: input readers, Parquet schemas, manifests."""

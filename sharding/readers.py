@@ -1,0 +1,346 @@
+"""Input readers: .npy, .fvecs/.ivecs/.bvecs, MNIST-style IDX (.gz too), Parquet, built-ins.
+
+`open_source` looks only at headers and metadata (never the data) and returns a `Source`:
+the input files in sorted order with their row counts. `read_rows(source, start, stop)` reads
+one global row range, touching nothing outside it (memory-mapped where the format allows).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import os
+import struct
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vecgraph.sharding import storage
+from vecgraph.sharding.errors import InputError
+
+
+VEC_FORMATS = {"fvecs": (np.dtype("<f4"), 4), "ivecs": (np.dtype("<i4"), 4), "bvecs": (np.dtype("u1"), 1)}
+FORMATS = ("auto", "npy", "fvecs", "ivecs", "bvecs", "idx", "parquet")
+BUILTINS = ("sklearn:digits",)
+
+
+@dataclasses.dataclass
+class SourceFile:
+    path: str
+    fmt: str
+    n_rows: int
+    offset: int               # global row position of its first row
+    labels_path: str | None = None   # IDX labels file paired with an images file
+
+
+@dataclasses.dataclass
+class Source:
+    """What the shard stage reads: files in sorted order, their row counts, the vector dim."""
+    uri: str
+    files: list[SourceFile]
+    dim: int
+    has_labels: bool
+    vector_column: str = "vector"
+    label_column: str | None = None
+    id_column: str | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return sum(f.n_rows for f in self.files)
+
+
+@dataclasses.dataclass
+class Rows:
+    """One row range of the input. x: (m, d) float32 with rows that failed validation removed."""
+    ids: np.ndarray                         # (m,) int64 global row positions
+    x: np.ndarray                           # (m, d) float32
+    labels: pa.Array | None
+    source_ids: pa.Array | None
+    rejects: list[tuple[int, str, int, str]]  # (id, file, record, reason)
+
+
+# ---------------------------------------------------------------- planning (headers only)
+
+def _expand(uri: str, fmt: str) -> list[str]:
+    fs, path = storage.filesystem(uri)
+    if any(c in uri for c in "*?["):
+        found = sorted(fs.glob(path))
+    elif fs.isdir(path):
+        found = sorted(p for p in fs.find(path) if not os.path.basename(p).startswith(("_", ".")))
+    elif fs.exists(path):
+        found = [path]
+    else:
+        raise InputError(f"{uri}: input not found (set `input` to a file, directory, glob, "
+                         f"s3:// URI or one of {', '.join(BUILTINS)})")
+    proto = uri.split("://", 1)[0] + "://" if "://" in uri else ""
+    return [proto + p if proto and not str(p).startswith(proto) else str(p) for p in found]
+
+
+def _detect(path: str) -> str:
+    name = os.path.basename(path).lower().removesuffix(".gz")
+    for ext in ("npy", "fvecs", "ivecs", "bvecs", "parquet"):
+        if name.endswith("." + ext):
+            return ext
+    if "idx3-ubyte" in name or "idx1-ubyte" in name or name.endswith(".idx"):
+        return "idx"
+    raise InputError(f"{path}: cannot tell the format from the name; set shard.format to one of "
+                     f"{', '.join(FORMATS[1:])}")
+
+
+def _open(path: str):
+    fs, p = storage.filesystem(path)
+    f = fs.open(p, "rb")
+    return gzip.open(f) if path.endswith(".gz") else f
+
+
+def _idx_header(path: str) -> tuple[int, tuple[int, ...]]:
+    """(header bytes, shape) of an IDX file (big-endian, uint8 payload expected)."""
+    with _open(path) as f:
+        head = f.read(4)
+        if len(head) < 4 or head[0] != 0 or head[1] != 0:
+            raise InputError(f"{path}: not an IDX file (bad magic {head!r})")
+        if head[2] != 0x08:
+            raise InputError(f"{path}: IDX type 0x{head[2]:02x} not supported, only uint8 (0x08)")
+        ndim = head[3]
+        shape = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
+    return 4 + 4 * ndim, shape
+
+
+def _vecs_header(path: str, fmt: str) -> tuple[int, int]:
+    """(dim, n_records) of an .fvecs/.ivecs/.bvecs file, checking size and byte order."""
+    dtype, width = VEC_FORMATS[fmt]
+    fs, p = storage.filesystem(path)
+    size = fs.size(p)
+    if size == 0:
+        return 0, 0
+    with fs.open(p, "rb") as f:
+        raw = f.read(4)
+    if len(raw) < 4:
+        raise InputError(f"{path}: record 0 is truncated ({size} bytes, a header needs 4)")
+    d = struct.unpack("<i", raw)[0]
+    if d <= 0 or d > 1 << 20:
+        d_be = struct.unpack(">i", raw)[0]
+        if 0 < d_be <= 1 << 20:
+            raise InputError(f"{path}: record 0 header says dim {d} little-endian but {d_be} "
+                             f"big-endian: the file is in the wrong byte order; convert it to "
+                             f"little-endian (.{fmt} is little-endian by definition)")
+        raise InputError(f"{path}: record 0 header has dim {d}; not a valid .{fmt} file")
+    rec = 4 + d * width
+    if size % rec:
+        raise InputError(f"{path}: record {size // rec} is truncated ({size % rec} of {rec} bytes; "
+                         f"file size {size} is not a multiple of the record size): re-export the "
+                         f"file or cut it to {size // rec * rec} bytes")
+    return d, size // rec
+
+
+def _parquet_vector_dim(path: str, column: str) -> int | None:
+    fs, p = storage.filesystem(path)
+    pf = pq.ParquetFile(p, filesystem=fs)
+    field = pf.schema_arrow.field(column) if column in pf.schema_arrow.names else None
+    if field is None:
+        raise InputError(f"{path}: no column {column!r} (columns: {pf.schema_arrow.names}); "
+                         f"set shard.vector_column")
+    if pa.types.is_fixed_size_list(field.type):
+        return field.type.list_size
+    for rg in range(pf.num_row_groups):
+        col = pf.read_row_group(rg, columns=[column]).column(0)
+        for v in col.to_pylist():
+            if v is not None:
+                return len(v)
+    return None
+
+
+def open_source(uri: str, fmt: str = "auto", vector_column: str = "vector",
+                label_column: str | None = "label", id_column: str | None = None) -> Source:
+    """Plan an input: list its files and count rows from headers/metadata only."""
+    if uri in BUILTINS:
+        from sklearn.datasets import load_digits
+        n, d = load_digits().data.shape
+        return Source(uri, [SourceFile(uri, "builtin", n, 0)], d, True)
+    if fmt not in FORMATS:
+        raise InputError(f"shard.format={fmt!r} is not one of {', '.join(FORMATS)}")
+    paths = _expand(uri, fmt)
+    if fmt == "auto":
+        paths = [p for p in paths if not p.endswith((".md", ".txt", ".csv", ".json", ".py"))]
+    fmts = [fmt if fmt != "auto" else _detect(p) for p in paths]
+    files: list[SourceFile] = []
+    dims: set[int] = set()
+    has_labels = False
+    if fmts and all(f == "idx" for f in fmts):
+        images = [p for p in paths if "idx1-ubyte" not in os.path.basename(p)]
+        labels = {os.path.basename(p).split("-labels")[0]: p for p in paths if "idx1-ubyte" in p}
+        for p in images:
+            _, shape = _idx_header(p)
+            lp = labels.get(os.path.basename(p).split("-images")[0])
+            if lp is not None:
+                n_lab = _idx_header(lp)[1][0]
+                if n_lab != shape[0]:
+                    raise InputError(f"{lp}: {n_lab} labels for {shape[0]} images in {p}")
+            has_labels = lp is not None
+            dims.add(int(np.prod(shape[1:])))
+            files.append(SourceFile(p, "idx", shape[0], 0, lp))
+    else:
+        for p, f in zip(paths, fmts):
+            if f == "idx":
+                raise InputError(f"{p}: IDX files cannot be mixed with other formats in one input")
+            if f == "npy":
+                with _open(p) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    shape, _, _ = np.lib.format._read_array_header(fh, version)
+                if len(shape) != 2:
+                    raise InputError(f"{p}: .npy of shape {shape}, expected (n, d)")
+                n, d = shape
+            elif f in VEC_FORMATS:
+                d, n = _vecs_header(p, f)
+            else:
+                fs, pp = storage.filesystem(p)
+                try:
+                    n = pq.ParquetFile(pp, filesystem=fs).metadata.num_rows
+                except Exception as e:  # pyarrow raises several types for corrupt files
+                    raise InputError(f"{p}: not a readable Parquet file ({e}); re-export it") from e
+                d = _parquet_vector_dim(p, vector_column) if n else None
+                if label_column and label_column in pq.ParquetFile(pp, filesystem=fs).schema_arrow.names:
+                    has_labels = True
+            if n:
+                dims.add(int(d))
+                files.append(SourceFile(p, f, int(n), 0))
+    if len(dims) > 1:
+        raise InputError(f"{uri}: input files have different dims {sorted(dims)}; shard them "
+                         f"separately")
+    if not files:
+        raise InputError(f"{uri}: the input holds no rows")
+    offset = 0
+    for sf in files:
+        sf.offset = offset
+        offset += sf.n_rows
+    return Source(uri, files, dims.pop(), has_labels, vector_column,
+                  label_column if has_labels else None, id_column)
+
+
+# ---------------------------------------------------------------- reading one range
+
+def _read_vecs(sf: SourceFile, a: int, b: int, d: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Records [a, b) of a .?vecs file -> (m, d) values and (record, reason) for bad headers."""
+    dtype, width = VEC_FORMATS[sf.fmt]
+    rec = 4 + d * width
+    fs, p = storage.filesystem(sf.path)
+    with fs.open(p, "rb") as f:
+        f.seek(a * rec)
+        raw = f.read((b - a) * rec)
+    arr = np.frombuffer(raw, dtype=np.uint8).reshape(b - a, rec)
+    dims = arr[:, :4].copy().view("<i4").reshape(-1)
+    bad = [(a + int(i), f"record header says dim {int(dims[i])}, expected {d} (mixed dims)")
+           for i in np.flatnonzero(dims != d)]
+    return arr[:, 4:].copy().view(dtype).reshape(b - a, d), bad
+
+
+def _read_idx(sf: SourceFile, a: int, b: int, d: int) -> tuple[np.ndarray, np.ndarray | None]:
+    hdr, _ = _idx_header(sf.path)
+    with _open(sf.path) as f:
+        f.seek(hdr + a * d)  # gzip seeks by decompressing forward: bounded memory
+        x = np.frombuffer(f.read((b - a) * d), dtype=np.uint8).reshape(b - a, d)
+    y = None
+    if sf.labels_path:
+        lh, _ = _idx_header(sf.labels_path)
+        with _open(sf.labels_path) as f:
+            f.seek(lh + a)
+            y = np.frombuffer(f.read(b - a), dtype=np.uint8).astype(np.int64)
+    return x, y
+
+
+def _read_parquet(src: Source, sf: SourceFile, a: int, b: int):
+    """Rows [a, b) of a Parquet file, reading only the row groups that overlap."""
+    fs, p = storage.filesystem(sf.path)
+    pf = pq.ParquetFile(p, filesystem=fs)
+    cols = [src.vector_column] + [c for c in (src.label_column, src.id_column) if c]
+    for c in cols:
+        if c not in pf.schema_arrow.names:
+            raise InputError(f"{sf.path}: no column {c!r} (columns: {pf.schema_arrow.names})")
+    pieces, start = [], 0
+    for rg in range(pf.num_row_groups):
+        n = pf.metadata.row_group(rg).num_rows
+        if start < b and start + n > a:
+            t = pf.read_row_group(rg, columns=cols)
+            pieces.append(t.slice(max(a - start, 0), min(b, start + n) - max(a, start)))
+        start += n
+    t = pa.concat_tables(pieces) if pieces else pf.schema_arrow.empty_table().select(cols)
+    vec = t.column(src.vector_column).combine_chunks()
+    if not (pa.types.is_list(vec.type) or pa.types.is_large_list(vec.type)
+            or pa.types.is_fixed_size_list(vec.type)):
+        raise InputError(f"{sf.path}: column {src.vector_column!r} has type {vec.type}, expected "
+                         f"a list of numbers")
+    m = len(vec)
+    bad: list[tuple[int, str]] = []
+    x = np.zeros((m, src.dim), dtype=np.float32)
+    if pa.types.is_fixed_size_list(vec.type):
+        flat = vec.flatten()  # nulls inside a fixed-size list are rare; treat null rows below
+        good = np.ones(m, bool)
+        if vec.null_count:
+            good = ~np.asarray(vec.is_null().to_numpy(zero_copy_only=False))
+            vec = vec.filter(pa.array(good))
+            flat = vec.flatten()
+        vals = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32)
+        x[good] = vals.reshape(-1, src.dim)
+        lens = np.where(good, src.dim, -1)
+    else:
+        lens = np.asarray(pa.compute.list_value_length(vec).fill_null(-1).to_numpy(
+            zero_copy_only=False))
+        good = lens == src.dim
+        vals = np.asarray(vec.filter(pa.array(good)).flatten().to_numpy(zero_copy_only=False),
+                          dtype=np.float32)
+        x[good] = vals.reshape(-1, src.dim)
+    for i in np.flatnonzero(lens != src.dim):
+        why = "null vector" if lens[i] < 0 else f"vector has {lens[i]} values, expected {src.dim} (ragged)"
+        bad.append((a + int(i), why))
+    labels = t.column(src.label_column).combine_chunks() if src.label_column else None
+    sids = t.column(src.id_column).combine_chunks() if src.id_column else None
+    return x, bad, labels, sids
+
+
+def read_rows(src: Source, start: int, stop: int) -> Rows:
+    """Global rows [start, stop) of the input, validated; bad rows are listed in `rejects`."""
+    xs, ids, labels, sids, rejects = [], [], [], [], []
+    for sf in src.files:
+        a, b = max(start, sf.offset) - sf.offset, min(stop, sf.offset + sf.n_rows) - sf.offset
+        if a >= b:
+            continue
+        bad: list[tuple[int, str]] = []
+        lab: Any = None
+        sid: Any = None
+        if sf.fmt == "builtin":
+            from sklearn.datasets import load_digits
+            ds = load_digits()
+            x, lab = ds.data[a:b], pa.array(ds.target[a:b].astype(np.int64))
+        elif sf.fmt == "npy":
+            arr = np.load(storage.filesystem(sf.path)[1], mmap_mode="r") if storage.is_local(sf.path) \
+                else np.load(_open(sf.path))
+            x = np.asarray(arr[a:b])
+        elif sf.fmt in VEC_FORMATS:
+            x, bad = _read_vecs(sf, a, b, src.dim)
+        elif sf.fmt == "idx":
+            x, y = _read_idx(sf, a, b, src.dim)
+            lab = None if y is None else pa.array(y)
+        else:
+            x, bad, lab, sid = _read_parquet(src, sf, a, b)
+        x = np.asarray(x, dtype=np.float32)  # also converts byte order and memory order
+        ok = np.ones(len(x), bool)
+        for rec, why in bad:
+            ok[rec - a] = False
+            rejects.append((sf.offset + rec, sf.path, rec, why))
+        nonfinite = np.flatnonzero(ok & ~np.isfinite(x).all(axis=1))
+        for i in nonfinite:
+            ok[i] = False
+            rejects.append((sf.offset + a + int(i), sf.path, a + int(i), "vector holds NaN or Inf"))
+        xs.append(x[ok])
+        ids.append(np.arange(sf.offset + a, sf.offset + b, dtype=np.int64)[ok])
+        if lab is not None:
+            labels.append(lab.filter(pa.array(ok)))
+        if sid is not None:
+            sids.append(sid.filter(pa.array(ok)))
+    rejects.sort()
+    return Rows(np.concatenate(ids) if ids else np.zeros(0, np.int64),
+                np.concatenate(xs) if xs else np.zeros((0, src.dim), np.float32),
+                pa.concat_arrays(labels) if labels else None,
+                pa.concat_arrays(sids) if sids else None, rejects)
