@@ -102,6 +102,12 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns, filesystem=fs)
 
 
+def read_schema(uri: str) -> pa.Schema:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return pq.read_schema(f)
+
+
 def write_json(uri: str, text: str) -> None:
     put_bytes(uri, text.encode())
 
