@@ -85,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
-    for noisy in ("ray", "filelock", "botocore", "s3fs", "fsspec"):
+    for noisy in ("ray", "filelock", "botocore", "s3fs", "fsspec", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parser().parse_args(argv)
     try:

@@ -68,11 +68,13 @@ class KmeansConfig:
     k: int = 10
     niter: int = 20
     init: str = "kmeans++"
+    n_init: int = 1             # restarts; the lowest final inertia wins
     sample_size: int = 100_000  # points drawn for the initialisation
 
     def __post_init__(self) -> None:
         _check(self.k >= 1, f"kmeans.k={self.k} should be >= 1")
         _check(self.niter >= 0, f"kmeans.niter={self.niter} should be >= 0")
+        _check(self.n_init >= 1, f"kmeans.n_init={self.n_init} should be >= 1")
         _check(self.init in ("kmeans++", "random"),
                f"kmeans.init={self.init!r} should be 'kmeans++' or 'random'")
 

@@ -15,6 +15,25 @@ from vecgraph.sharding.errors import InputError
 CENTROIDS = "centroids.parquet"
 
 
+def lloyd(actors: list, centroids: np.ndarray, niter: int,
+          rng: np.random.Generator) -> tuple[np.ndarray, list[float], int]:
+    """Lloyd iterations over the parts held by `actors`: centroids broadcast through the object
+    store, partial sums and counts reduced here. Returns (centroids, inertia per iteration,
+    empty clusters re-seeded); the last inertia is that of the returned centroids."""
+    inertia, n_split = [], 0
+    for it in runtime.progress(range(niter + 1), "kmeans"):
+        ref = ray.put(centroids)
+        partial = runtime.get([a.kmeans_stats.remote(ref) for a in actors], "kmeans", False)
+        inertia.append(float(sum(p[2] for p in partial)))
+        if it == niter:
+            break
+        sums = np.sum([p[0] for p in partial], axis=0)
+        counts = np.sum([p[1] for p in partial], axis=0)
+        centroids, empty = km.update_centroids(sums, counts, centroids, rng)
+        n_split += empty
+    return centroids, inertia, n_split
+
+
 def run(cfg: PipelineConfig, inputs: dict[str, schema.Manifest]) -> schema.Manifest:
     vec = inputs["shard"]
     kc = cfg.kmeans
@@ -32,16 +51,12 @@ def run(cfg: PipelineConfig, inputs: dict[str, schema.Manifest]) -> schema.Manif
     sizes = runtime.get([a.size.remote() for a in actors], "load parts", False)
     rng = np.random.default_rng(cfg.seed)
     _, sample = workers.sample_rows(actors, sizes, kc.sample_size, rng)
-    centroids = km.init_centroids(sample, kc.k, kc.init, rng)
-    inertia, n_split = [], 0
-    for _ in runtime.progress(range(kc.niter), "kmeans"):
-        ref = ray.put(centroids)
-        partial = runtime.get([a.kmeans_stats.remote(ref) for a in actors], "kmeans", False)
-        sums = np.sum([p[0] for p in partial], axis=0)
-        counts = np.sum([p[1] for p in partial], axis=0)
-        inertia.append(float(sum(p[2] for p in partial)))
-        centroids, empty = km.update_centroids(sums, counts, centroids, rng)
-        n_split += empty
+    best: tuple | None = None
+    for _ in range(kc.n_init):  # keep the run of lowest final inertia, as Faiss's nredo
+        run_ = lloyd(actors, km.init_centroids(sample, kc.k, kc.init, rng), kc.niter, rng)
+        if best is None or run_[1][-1] < best[1][-1]:
+            best = run_
+    centroids, inertia, n_split = best
     ref = ray.put(centroids)
     parts = runtime.get([a.kmeans_write.remote(out.uri, schema.part_name(i), ref, p.id_min,
                                                p.id_max)

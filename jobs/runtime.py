@@ -57,7 +57,7 @@ def get(refs: list, desc: str, show: bool = True) -> list:
 
     pending = list(refs)
     done: dict[Any, Any] = {}
-    bar = tqdm(total=len(refs), desc=desc, unit="part", disable=not show or len(refs) < 2,
+    bar = tqdm(total=len(refs), desc=desc, unit="part", disable=None if show and len(refs) > 1 else True,
                leave=False)
     try:
         while pending:
@@ -73,7 +73,7 @@ def get(refs: list, desc: str, show: bool = True) -> list:
 def progress(it: Any, desc: str) -> Any:
     """A tqdm progress bar over an iterable of steps (iterations of a stage)."""
     from tqdm import tqdm
-    return tqdm(it, desc=desc, leave=False)
+    return tqdm(it, desc=desc, leave=False, disable=None)  # None: only on a terminal
 
 
 def unwrap(fn: Any) -> Any:
