@@ -15,7 +15,12 @@ def contingency(true: np.ndarray, pred: np.ndarray) -> dict[tuple, int]:
         return {}
     pairs = np.rec.fromarrays([np.asarray(true), np.asarray(pred)])
     values, counts = np.unique(pairs, return_counts=True)
-    return {(v[0].item(), v[1].item()): int(c) for v, c in zip(values, counts)}
+    return {(_plain(v[0]), _plain(v[1])): int(c) for v, c in zip(values, counts)}
+
+
+def _plain(v: object) -> object:
+    """numpy scalar -> Python value; object-array fields (Arrow strings) already are one."""
+    return v.item() if isinstance(v, np.generic) else v
 
 
 def add_counts(tables: list[dict[tuple, int]]) -> dict[tuple, int]:

@@ -43,7 +43,11 @@ def exact_distances(xq: Any, xb: Any, metric: str) -> Any:
         diff = xq - xb
         return (diff * diff).sum(1)
     ip = (xq * xb).sum(1)
-    return 1 - ip if metric == "cosine" else -ip
+    if metric == "cosine":
+        # 1 - <x, x> of a float32-normalised row is +-1e-7, not 0: exact duplicates get 0.
+        xp = array_module(xq)
+        return xp.where((xq == xb).all(1), 0, xp.maximum(1 - ip, 0)).astype(ip.dtype)
+    return -ip
 
 
 def sort_topk(D: Any, I: Any, k: int) -> tuple[Any, Any]:
@@ -56,7 +60,7 @@ def sort_topk(D: Any, I: Any, k: int) -> tuple[Any, Any]:
     D = xp.where(I < 0, xp.inf, D).astype(xp.float32)
     I = xp.where(xp.isinf(D), -1, I)
     I_key = xp.where(I < 0, xp.iinfo(xp.int64).max, I)
-    order = xp.lexsort(xp.stack([I_key, D]), axis=-1) if xp is np else _lexsort_rows(xp, D, I_key)
+    order = np.lexsort((I_key, D), axis=-1) if xp is np else _lexsort_rows(xp, D, I_key)
     order = order[:, :k]
     D, I = xp.take_along_axis(D, order, 1), xp.take_along_axis(I, order, 1)
     if m < k:
@@ -106,13 +110,29 @@ def search_exact(xq: Any, xb: Any, ids_b: Any, k: int, metric: str,
     for a in range(0, nq, block):
         q = xq[a:a + block]
         Dg = pairwise_distances(q, xb, metric)
-        cand = xp.argpartition(Dg, m - 1, axis=1)[:, :m] if m < nb else \
+        cand = _candidates(xp, Dg, ids_b, m) if m < nb else \
             xp.broadcast_to(xp.arange(nb), (len(q), nb))
         De = exact_distances(xp.repeat(q, m, axis=0), xb[cand.reshape(-1)], metric)
         D, I = sort_topk(De.reshape(len(q), m).astype(xp.float32), ids_b[cand], kk)
         Ds.append(D)
         Is.append(I)
     return xp.concatenate(Ds), xp.concatenate(Is)
+
+
+def _candidates(xp: Any, Dg: Any, ids_b: Any, m: int) -> Any:
+    """Positions of the m smallest distances of each row, ties at the m-th value taken by
+    smaller id (argpartition alone picks arbitrary members of a tie group larger than the
+    margin). Dg: (n, nb), ids_b: (nb,) -> (n, m)."""
+    cand = xp.argpartition(Dg, m - 1, axis=1)[:, :m]
+    t = xp.take_along_axis(Dg, cand, 1).max(axis=1)
+    tied = xp.flatnonzero((Dg <= t[:, None]).sum(axis=1) > m)
+    if len(tied):
+        key = xp.broadcast_to(ids_b, (len(tied), Dg.shape[1]))
+        Dt = Dg[tied]
+        order = np.lexsort((key, Dt), axis=-1) if xp is np else \
+            _lexsort_rows(xp, Dt, key)
+        cand[tied] = order[:, :m]
+    return cand
 
 
 def recall_at_k(D_true_graph: np.ndarray, valid: np.ndarray, D_exact: np.ndarray) -> float:

@@ -1,0 +1,182 @@
+"""clustering/kmeans.py against numpy brute force and scikit-learn's Lloyd.
+
+Tolerances: assignment distances come from the float32 GEMM identity, so they match the
+float64 definition to 1e-5 x (|x|^2 + |c|^2); on small-integer data they are exact, ties
+included. Partial sums are float64 (rtol 1e-12 across partitionings).
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans
+from vecgraph.clustering import kmeans as km
+
+from tests.conftest import nasty_vectors
+
+
+def ref_assign(x: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    D = ((x.astype(np.float64)[:, None] - c.astype(np.float64)[None]) ** 2).sum(-1)
+    lab = D.argmin(1)  # first minimum = smaller cluster number
+    return lab, D[np.arange(len(x)), lab]
+
+
+def parts_of(n: int, n_parts: int) -> list[slice]:
+    """1 part, or 4 uneven parts (one of a single row)."""
+    cuts = [0, n] if n_parts == 1 else [0, 17, n // 2, n // 2 + 1, n]
+    return [slice(a, b) for a, b in itertools.pairwise(cuts)]
+
+
+# ---------------------------------------------------------------- assignment
+
+
+def test_assign_matches_brute_force_on_nasty_vectors():
+    x = nasty_vectors(np.random.default_rng(21))
+    c = x[[0, 3, 60, 150, 250, 299]].copy()
+    c[5] = c[1]  # a duplicate centroid: cluster 5 must never win over cluster 1
+    lab, dist = km.assign(x, c)
+    rlab, rdist = ref_assign(x, c)
+    assert lab.dtype == np.int64 and dist.dtype == np.float32
+    np.testing.assert_array_equal(lab, rlab)
+    assert not (lab == 5).any()
+    scale = float((x.astype(np.float64) ** 2).sum(1).max() + (c.astype(np.float64) ** 2).sum(1).max())
+    np.testing.assert_allclose(dist, rdist, rtol=1e-5, atol=1e-5 * scale)
+    assert (dist >= 0).all()
+    lab7, dist7 = km.assign(x, c, block=7)
+    np.testing.assert_array_equal(lab7, lab)
+    np.testing.assert_allclose(dist7, dist, rtol=1e-6, atol=1e-5 * scale)
+
+
+def test_assign_ties_go_to_smaller_cluster_on_integer_data():
+    rng = np.random.default_rng(8)
+    x = rng.integers(0, 4, size=(400, 3)).astype(np.float32)
+    c = np.array([[0, 0, 0], [2, 2, 2], [0, 0, 0], [1, 1, 1], [3, 0, 3], [2, 2, 2]], np.float32)
+    lab, dist = km.assign(x, c, block=64)
+    rlab, rdist = ref_assign(x, c)
+    np.testing.assert_array_equal(lab, rlab)
+    np.testing.assert_array_equal(dist, rdist.astype(np.float32))
+    D = ((x[:, None] - c[None]) ** 2).sum(-1)
+    assert ((D == D.min(1, keepdims=True)).sum(1) > 1).sum() > 50, "too few ties to test"
+
+
+def test_assign_empty_input():
+    lab, dist = km.assign(np.zeros((0, 4), np.float32), np.ones((3, 4), np.float32))
+    assert lab.shape == dist.shape == (0,) and lab.dtype == np.int64
+
+
+# ---------------------------------------------------------------- partial sums
+
+
+@pytest.mark.parametrize("n_parts", [1, 4])
+def test_partial_sums_add_up_to_brute_force(n_parts):
+    x = nasty_vectors(np.random.default_rng(2))
+    k = 9  # clusters 7 and 8 stay empty
+    lab = np.random.default_rng(3).integers(0, 7, len(x))
+    S = np.zeros((k, x.shape[1]))
+    C = np.zeros(k, np.int64)
+    for part in parts_of(len(x), n_parts):
+        s, c = km.partial_sums(x[part], lab[part], k)
+        assert s.dtype == np.float64 and c.dtype == np.int64 and s.shape == (k, x.shape[1])
+        S += s
+        C += c
+    ref_S = np.stack([x[lab == j].astype(np.float64).sum(0) for j in range(k)])
+    ref_C = np.array([(lab == j).sum() for j in range(k)])
+    np.testing.assert_allclose(S, ref_S, rtol=1e-12, atol=1e-9)
+    np.testing.assert_array_equal(C, ref_C)
+    assert C[7] == C[8] == 0
+
+
+# ---------------------------------------------------------------- update with empty clusters
+
+
+def test_update_centroids_means_when_nothing_is_empty():
+    rng = np.random.default_rng(0)
+    sums = rng.normal(size=(4, 5)) * 10
+    counts = np.array([3, 1, 7, 2])
+    new, n_empty = km.update_centroids(sums, counts, np.zeros((4, 5), np.float32), rng)
+    assert n_empty == 0 and new.dtype == np.float32
+    np.testing.assert_allclose(new, sums / counts[:, None], rtol=1e-6)
+
+
+def test_update_centroids_splits_the_largest_hand_worked():
+    # counts [10, 0, 7, 0]: empty 1 splits cluster 0 (10 -> 5 + 5); empty 3 then splits the
+    # now largest, cluster 2 (7 > 5).
+    d = 6
+    means = np.array([[1.0] * d, [9.0] * d, [-2.0] * d, [9.0] * d])
+    counts = np.array([10, 0, 7, 0])
+    sums = means * counts[:, None]
+    old = np.full((4, d), 42.0, np.float32)
+    new, n_empty = km.update_centroids(sums, counts, old, np.random.default_rng(1))
+    assert n_empty == 2
+    for big, empty in ((0, 1), (2, 3)):
+        c = means[big]
+        step = 1e-4 * (np.abs(c) + 1e-6)
+        np.testing.assert_allclose(np.abs(new[empty] - c), step, rtol=2e-3)  # perturbed... (float32 spacing)
+        np.testing.assert_allclose(np.abs(new[big] - c), step, rtol=2e-3)
+        np.testing.assert_allclose(new[empty] + new[big], 2 * c, rtol=1e-6)  # ...symmetrically
+        assert (new[empty] != new[big]).all()
+    again, _ = km.update_centroids(sums, counts, old, np.random.default_rng(1))
+    np.testing.assert_array_equal(again, new)  # randomness only from the rng argument
+
+
+def test_lloyd_step_reseeds_an_empty_cluster_that_then_gets_points():
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(size=(120, 4)), rng.normal(size=(60, 4)) + 20]).astype(np.float32)
+    c = np.array([x[0], x[150], np.full(4, 1e3)], np.float32)  # cluster 2 is far away: empty
+    lab, _ = km.assign(x, c)
+    sums, counts = km.partial_sums(x, lab, 3)
+    assert counts[2] == 0
+    largest = int(np.bincount(lab, minlength=3).argmax())
+    new, n_empty = km.update_centroids(sums, counts, c, np.random.default_rng(0))
+    assert n_empty == 1
+    mean_big = x[lab == largest].astype(np.float64).mean(0)
+    np.testing.assert_allclose((new[2] + new[largest]) / 2, mean_big, rtol=1e-5, atol=1e-6)
+    lab2, _ = km.assign(x, new)
+    assert (np.bincount(lab2, minlength=3) > 0).all()
+
+
+# ---------------------------------------------------------------- full Lloyd vs scikit-learn
+
+
+@pytest.mark.parametrize("n_parts", [1, 4])
+def test_lloyd_over_parts_equals_sklearn(n_parts):
+    # Unclustered data (Lloyd takes many steps) with the nasty duplicate rows.
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    x[10:25] = x[3]
+    x[100] = x[200]
+    init = x[[30, 45, 60, 170, 230, 290]].copy()  # no duplicate rows: no empty cluster
+    C, prev = init.copy(), None
+    for it in range(100):
+        lab, _ = km.assign(x, C)
+        if prev is not None and (lab == prev).all():
+            break
+        S, N = 0, 0
+        for part in parts_of(len(x), n_parts):
+            s, c = km.partial_sums(x[part], lab[part], len(C))
+            S, N = S + s, N + c
+        C, n_empty = km.update_centroids(S, N, C, np.random.default_rng(0))
+        assert n_empty == 0
+        prev = lab
+    sk = KMeans(n_clusters=6, init=init.astype(np.float64), n_init=1, algorithm="lloyd",
+                tol=0.0, max_iter=100).fit(x.astype(np.float64))
+    assert it > 2, "converged at once: the comparison would be vacuous"
+    np.testing.assert_array_equal(lab, sk.labels_)
+    np.testing.assert_allclose(C, sk.cluster_centers_, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- initialisation
+
+
+@pytest.mark.parametrize("method", ["random", "kmeans++"])
+def test_init_centroids_are_sample_rows_and_deterministic(method):
+    x = nasty_vectors(np.random.default_rng(4))
+    c = km.init_centroids(x, 8, method, np.random.default_rng(7))
+    assert c.shape == (8, x.shape[1]) and c.dtype == np.float32
+    is_row = (c[:, None, :] == x[None, :, :]).all(-1).any(1)
+    assert is_row.all()
+    np.testing.assert_array_equal(km.init_centroids(x, 8, method, np.random.default_rng(7)), c)
+    assert not np.array_equal(km.init_centroids(x, 8, method, np.random.default_rng(8)), c)
+    if method == "kmeans++":  # D^2 sampling never picks a copy of a chosen point
+        assert len(np.unique(c, axis=0)) == 8
