@@ -12,7 +12,7 @@ from vecgraph.jobs.stage import StageOutput
 from vecgraph.sharding import schema, storage
 from vecgraph.sharding.errors import InputError
 
-CENTROIDS = "centroids.parquet"
+CENTROIDS = "_centroids.parquet"  # "_": folder readers (pandas, pyarrow) skip it
 
 
 def lloyd(actors: list, centroids: np.ndarray, niter: int,

@@ -24,7 +24,7 @@ from vecgraph.jobs.stage import StageOutput
 from vecgraph.sharding import schema, storage
 from vecgraph.sharding.errors import InputError
 
-SEEDS = "seeds.parquet"
+SEEDS = "_seeds.parquet"  # "_": folder readers (pandas, pyarrow) skip it
 
 
 @ray.remote(max_retries=3)

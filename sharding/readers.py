@@ -166,7 +166,7 @@ def open_source(uri: str, fmt: str = "auto", vector_column: str = "vector",
         paths = [p for p in paths if not p.endswith((".md", ".txt", ".csv", ".json", ".py"))]
     fmts = [fmt if fmt != "auto" else _detect(p) for p in paths]
     files: list[SourceFile] = []
-    dims: set[int] = set()
+    dims: dict[int, str] = {}  # dim -> first file that has it
     has_labels = False
     if fmts and all(f == "idx" for f in fmts):
         images = [p for p in paths if "idx1-ubyte" not in os.path.basename(p)]
@@ -179,7 +179,7 @@ def open_source(uri: str, fmt: str = "auto", vector_column: str = "vector",
                 if n_lab != shape[0]:
                     raise InputError(f"{lp}: {n_lab} labels for {shape[0]} images in {p}")
             has_labels = lp is not None
-            dims.add(int(np.prod(shape[1:])))
+            dims.setdefault(int(np.prod(shape[1:])), p)
             files.append(SourceFile(p, "idx", shape[0], 0, lp))
     else:
         for p, f in zip(paths, fmts):
@@ -188,7 +188,11 @@ def open_source(uri: str, fmt: str = "auto", vector_column: str = "vector",
             if f == "npy":
                 with _open(p) as fh:
                     version = np.lib.format.read_magic(fh)
-                    shape, _, _ = np.lib.format._read_array_header(fh, version)
+                    # Public readers only (numpy 2 hides _read_array_header); the 2.0 reader
+                    # also parses 3.0 headers (same length field, ASCII in practice).
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                        else np.lib.format.read_array_header_2_0
+                    shape, _, _ = read_header(fh)
                 if len(shape) != 2:
                     raise InputError(f"{p}: .npy of shape {shape}, expected (n, d)")
                 n, d = shape
@@ -204,18 +208,19 @@ def open_source(uri: str, fmt: str = "auto", vector_column: str = "vector",
                 if label_column and label_column in pq.ParquetFile(pp, filesystem=fs).schema_arrow.names:
                     has_labels = True
             if n:
-                dims.add(int(d))
+                dims.setdefault(int(d), p)
                 files.append(SourceFile(p, f, int(n), 0))
     if len(dims) > 1:
-        raise InputError(f"{uri}: input files have different dims {sorted(dims)}; shard them "
-                         f"separately")
+        (d0, p0), (d1, p1) = list(dims.items())[:2]
+        raise InputError(f"{p1}: record 0 has dim {d1}, but {p0} has dim {d0} (the files of "
+                         f"{uri} have dims {sorted(dims)}); shard them separately")
     if not files:
         raise InputError(f"{uri}: the input holds no rows")
     offset = 0
     for sf in files:
         sf.offset = offset
         offset += sf.n_rows
-    return Source(uri, files, dims.pop(), has_labels, vector_column,
+    return Source(uri, files, next(iter(dims)), has_labels, vector_column,
                   label_column if has_labels else None, id_column)
 
 
