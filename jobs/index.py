@@ -91,8 +91,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, schema.Manifest]) -> schema.Manif
             xt = np.concatenate(runtime.get(
                 [sample_part.remote(vectors_uri, p.path, int(c), cfg.seed + i, metric)
                  for i, (p, c) in enumerate(zip(vec.parts, shares)) if c > 0], "train sample"))
-            trained = runtime.unwrap(lambda: ray.get(train.remote(
-                faiss.serialize_index(index).tobytes(), xt)))
+            trained = runtime.unwrap(ray.get, train.remote(faiss.serialize_index(index).tobytes(), xt))
         stats["train_size"] = len(xt)
     storage.put_bytes(storage.join(out.uri, TRAINED), trained)
     trained_ref = ray.put(trained)

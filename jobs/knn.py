@@ -13,7 +13,7 @@ import ray
 
 from vecgraph.graph import knn
 from vecgraph.jobs import runtime, workers
-from vecgraph.jobs.config import PipelineConfig, stage_config
+from vecgraph.jobs.config import KnnConfig, PipelineConfig, stage_config
 from vecgraph.jobs.runtime import StageFailed
 from vecgraph.jobs.stage import StageOutput
 from vecgraph.sharding import schema, storage
@@ -67,10 +67,20 @@ def measure_recall(actors: list[Any], sizes: list[int], graph_uri: str,
     for i, part in enumerate(parts):
         sel = owner == i
         if sel.any():
-            I[sel] = runtime.unwrap(lambda: ray.get(graph_rows.remote(graph_uri, part.path, ids[sel])))[0]
+            I[sel] = runtime.unwrap(ray.get, graph_rows.remote(graph_uri, part.path, ids[sel]))[0]
     true = np.stack(runtime.get([a.pair_distances.remote(xq, I) for a in actors], "recall", False))
     D_graph = np.nanmin(np.where(np.isnan(true), np.inf, true), axis=0)
     return {"recall_at_k": knn.recall_at_k(D_graph, I >= 0, D_exact), "recall_sample": len(ids)}
+
+
+def check_recall(stats: dict, kc: KnnConfig) -> None:
+    """The quality gate: recall under knn.min_recall fails the stage (exit 1)."""
+    if kc.min_recall is not None and stats["recall_at_k"] < kc.min_recall:
+        raise StageFailed(f"knn: recall@{kc.k} = {stats['recall_at_k']:.4f} on "
+                          f"{stats['recall_sample']} sampled nodes is under knn.min_recall="
+                          f"{kc.min_recall}; raise knn.nprobe or use a finer index.factory "
+                          f"(the graph is not committed, or was committed by a run without "
+                          f"this gate)")
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, schema.Manifest]) -> schema.Manifest:
@@ -78,6 +88,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, schema.Manifest]) -> schema.Manif
     kc = cfg.knn
     out = StageOutput(cfg.out, "knn", stage_config(cfg, "knn"), {"shard": vec, "index": idx})
     if (m := out.committed()) is not None:
+        check_recall(m.stats, kc)
         return m
     vectors_uri = storage.join(cfg.out, schema.STAGE_DIRS["shard"])
     index_uri = storage.join(cfg.out, schema.STAGE_DIRS["index"])
@@ -113,10 +124,6 @@ def run(cfg: PipelineConfig, inputs: dict[str, schema.Manifest]) -> schema.Manif
                                     kc.k, kc.recall_sample, cfg.seed))
     for a in actors:
         ray.kill(a)
-    if kc.min_recall is not None and stats["recall_at_k"] < kc.min_recall:
-        raise StageFailed(f"knn: recall@{kc.k} = {stats['recall_at_k']:.4f} on "
-                          f"{stats['recall_sample']} sampled nodes is under knn.min_recall="
-                          f"{kc.min_recall}; raise knn.nprobe or use a finer index.factory "
-                          f"(the graph was not committed)")
+    check_recall(stats, kc)
     return out.commit(parts, stats, metric=kc.metric, distance=schema.DISTANCE_NAMES[kc.metric],
                       extra={"k": kc.k})

@@ -81,7 +81,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, schema.Manifest]) -> schema.Manif
     outs = [as_list(init_block.options(num_returns=1 + P).remote(b, starts), 1 + P) for b in blocks]
     blocks, requests = [o[0] for o in outs], [o[1:] for o in outs]
     history = []
-    for it in runtime.progress(range(mc.max_iter), "mcl"):
+    for _ in runtime.progress(range(mc.max_iter), "mcl"):
         served = [as_list(serve.options(num_returns=P).remote(blocks[q], *[requests[p][q]
                                                                            for p in range(P)]), P)
                   for q in range(P)]

@@ -63,7 +63,7 @@ def get(refs: list, desc: str, show: bool = True) -> list:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             for r in ready:
-                done[r] = unwrap(lambda: ray.get(r))
+                done[r] = unwrap(ray.get, r)
                 bar.update(1)
     finally:
         bar.close()
@@ -76,12 +76,12 @@ def progress(it: Any, desc: str) -> Any:
     return tqdm(it, desc=desc, leave=False, disable=None)  # None: only on a terminal
 
 
-def unwrap(fn: Any) -> Any:
-    """Run fn; a Ray task error caused by an InputError or StageFailed becomes that error."""
+def unwrap(fn: Any, *args: Any) -> Any:
+    """fn(*args); a Ray task error caused by an InputError or StageFailed becomes that error."""
     import ray
 
     try:
-        return fn()
+        return fn(*args)
     except ray.exceptions.RayTaskError as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, (InputError, StageFailed)):

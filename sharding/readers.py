@@ -7,7 +7,6 @@ one global row range, touching nothing outside it (memory-mapped where the forma
 from __future__ import annotations
 
 import dataclasses
-import glob
 import gzip
 import os
 import struct
@@ -19,7 +18,6 @@ import pyarrow.parquet as pq
 
 from vecgraph.sharding import storage
 from vecgraph.sharding.errors import InputError
-
 
 VEC_FORMATS = {"fvecs": (np.dtype("<f4"), 4), "ivecs": (np.dtype("<i4"), 4), "bvecs": (np.dtype("u1"), 1)}
 FORMATS = ("auto", "npy", "fvecs", "ivecs", "bvecs", "idx", "parquet")
@@ -178,6 +176,9 @@ def open_source(uri: str, fmt: str = "auto", vector_column: str = "vector",
                 n_lab = _idx_header(lp)[1][0]
                 if n_lab != shape[0]:
                     raise InputError(f"{lp}: {n_lab} labels for {shape[0]} images in {p}")
+            if files and (lp is not None) != has_labels:
+                raise InputError(f"{p}: some IDX image files of {uri} have a labels file and "
+                                 f"some do not; give labels for all of them or none")
             has_labels = lp is not None
             dims.setdefault(int(np.prod(shape[1:])), p)
             files.append(SourceFile(p, "idx", shape[0], 0, lp))

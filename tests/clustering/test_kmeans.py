@@ -11,9 +11,9 @@ import itertools
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans
-from vecgraph.clustering import kmeans as km
 
 from tests.conftest import nasty_vectors
+from vecgraph.clustering import kmeans as km
 
 
 def ref_assign(x: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -148,7 +148,7 @@ def test_lloyd_over_parts_equals_sklearn(n_parts):
     x[100] = x[200]
     init = x[[30, 45, 60, 170, 230, 290]].copy()  # no duplicate rows: no empty cluster
     C, prev = init.copy(), None
-    for it in range(100):
+    for it in range(100):  # noqa: B007 - read after the loop
         lab, _ = km.assign(x, C)
         if prev is not None and (lab == prev).all():
             break

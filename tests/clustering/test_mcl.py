@@ -15,6 +15,7 @@ import pytest
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 from sklearn.metrics import adjusted_rand_score
+
 from vecgraph.clustering import mcl
 from vecgraph.graph import matrix
 
@@ -64,7 +65,7 @@ def dense_mcl(W: np.ndarray, inflation: float = 2.0, max_iter: int = 200,
     loop[loop <= 0] = 1.0
     M += np.diag(loop)
     M /= M.sum(axis=0, keepdims=True)
-    for it in range(n_iter if n_iter is not None else max_iter):
+    for _it in range(n_iter if n_iter is not None else max_iter):
         M2 = np.linalg.matrix_power(M, 2) ** inflation
         M2 /= M2.sum(axis=0, keepdims=True)
         done = np.abs(M2 - M).max() < 1e-13

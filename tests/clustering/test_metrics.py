@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
 from vecgraph.clustering import metrics
 
 TOL = 1e-12

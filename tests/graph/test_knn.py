@@ -10,9 +10,9 @@ import itertools
 
 import numpy as np
 import pytest
-from vecgraph.graph import knn
 
 from tests.conftest import nasty_vectors
+from vecgraph.graph import knn
 
 METRICS = ["l2", "cosine", "ip"]
 

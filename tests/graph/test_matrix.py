@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from vecgraph.graph import matrix
 
 from tests.conftest import nasty_vectors
+from vecgraph.graph import matrix
 
 
 def knn_graph(n: int = 60, k: int = 5, seed: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

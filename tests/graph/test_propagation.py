@@ -15,6 +15,7 @@ import scipy.linalg
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 from scipy.stats import kstest
+
 from vecgraph.graph import matrix, propagation
 
 N_CLASSES = 4

@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.datasets import load_digits
 from sklearn.metrics import normalized_mutual_info_score
-from vecgraph.jobs import api, cli
-from vecgraph.sharding import schema, storage
 
 from tests.conftest import nasty_vectors, write_fvecs
+from vecgraph.jobs import api, cli
+from vecgraph.sharding import schema, storage
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

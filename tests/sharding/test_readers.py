@@ -16,10 +16,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from vecgraph.sharding import readers, schema, storage
-from vecgraph.sharding.errors import InputError
 
 from tests.conftest import write_fvecs
+from vecgraph.sharding import readers, schema, storage
+from vecgraph.sharding.errors import InputError
 
 
 def read_all(uri: str | Path, **kw) -> tuple[readers.Source, readers.Rows]:
