@@ -24,6 +24,8 @@ def _shard(args: argparse.Namespace) -> int:
                  f"shard.format={args.format}", f"on_invalid={args.on_invalid}"]
     if args.parts:
         overrides.append(f"shard.parts={args.parts}")
+    if args.engine:
+        overrides.append(f"shard.engine={args.engine}")
     args.config, args.overrides = None, overrides + args.overrides
     return _run(args)
 
@@ -70,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--parts", type=int)
     s.add_argument("--format", default="auto")
+    s.add_argument("--engine", choices=["ray", "spark"], help="ingest engine (default: ray)")
     s.add_argument("--on-invalid", default="error", choices=["error", "skip"])
     s.add_argument("overrides", nargs="*", help="more key=value overrides")
     s.set_defaults(fn=_shard)

@@ -28,9 +28,14 @@ class ShardConfig:
     vector_column: str = "vector"
     label_column: Optional[str] = "label"
     id_column: Optional[str] = None
+    engine: str = "ray"           # ray | spark (PySpark reads the input and writes the parts)
+    spark_master: str = "local[2]"
+    chunk_rows: int = 65536       # rows read and written at a time by one task (bounds memory)
 
     def __post_init__(self) -> None:
         _check(self.parts >= 1, f"shard.parts={self.parts} should be >= 1")
+        _check(self.engine in ("ray", "spark"), f"shard.engine={self.engine!r} should be 'ray' or 'spark'")
+        _check(self.chunk_rows >= 1, f"shard.chunk_rows={self.chunk_rows} should be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +241,10 @@ def load(path: str | None, overrides: list[str] = ()) -> PipelineConfig:
     return _build(PipelineConfig, raw)
 
 
+# Keys that change how a stage runs but not what it writes: outside the config hash.
+RUNTIME_ONLY = {"recall_sample", "min_recall", "query_block", "max_inflight", "engine", "spark_master"}
+
+
 def stage_config(cfg: PipelineConfig, stage: str) -> dict:
     """What a stage's output depends on in the config (hashed into its manifest)."""
     common = {"input": cfg.input, "seed": cfg.seed, "on_invalid": cfg.on_invalid}
@@ -248,6 +257,5 @@ def stage_config(cfg: PipelineConfig, stage: str) -> dict:
             a, b = s.split(".")
             out[s] = full[a][b]
         else:
-            out[s] = {k: v for k, v in full[s].items()
-                      if k not in ("recall_sample", "min_recall", "query_block", "max_inflight")}
+            out[s] = {k: v for k, v in full[s].items() if k not in RUNTIME_ONLY}
     return out
