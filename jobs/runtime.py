@@ -33,7 +33,9 @@ def init(cfg: RayConfig) -> Any:
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
     else:
+        # Loopback only: an embedded runtime has no business on other interfaces.
         ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False,
+                 _node_ip_address="127.0.0.1",
                  object_store_memory=cfg.object_store_mb * 2**20 if cfg.object_store_mb else None,
                  runtime_env={"env_vars": THREAD_ENV}, logging_level=logging.WARNING)
     return ray
@@ -70,10 +72,11 @@ def get(refs: list, desc: str, show: bool = True) -> list:
     return [done[r] for r in refs]
 
 
-def progress(it: Any, desc: str) -> Any:
-    """A tqdm progress bar over an iterable of steps (iterations of a stage)."""
+def progress(it: Any, desc: str, **kwargs: Any) -> Any:
+    """A tqdm progress bar over an iterable of steps (iterations of a stage); `it` may be None
+    with total=… for a bar updated by hand."""
     from tqdm import tqdm
-    return tqdm(it, desc=desc, leave=False, disable=None)  # None: only on a terminal
+    return tqdm(it, desc=desc, leave=False, disable=None, **kwargs)  # None: only on a terminal
 
 
 def unwrap(fn: Any, *args: Any) -> Any:

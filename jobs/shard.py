@@ -9,6 +9,7 @@ from vecgraph.jobs.config import PipelineConfig, stage_config
 from vecgraph.jobs.stage import StageOutput
 from vecgraph.sharding import readers, schema, storage
 from vecgraph.sharding.errors import InputError
+from vecgraph.sharding.parts import PartWriter
 
 
 def plan(n_rows: int, parts: int) -> list[tuple[int, int]]:
@@ -23,21 +24,28 @@ def _rejects_sidecar(i: int) -> str:
 
 @ray.remote(max_retries=3)
 def shard_part(src: readers.Source, stage_uri: str, i: int, start: int, stop: int,
-               on_invalid: str) -> schema.Part:
-    """Read input rows [start, stop), validate, write vector part i (and its rejects)."""
+               on_invalid: str, chunk_rows: int) -> schema.Part:
+    """Read input rows [start, stop) chunk by chunk, validate, stream them into vector part i
+    (and its rejects into a sidecar). Memory: one chunk."""
     runtime.limit_threads(1)
-    rows = readers.read_rows(src, start, stop)
-    if rows.rejects:
-        rid, path, rec, why = rows.rejects[0]
-        if on_invalid == "error":
-            more = f" ({len(rows.rejects) - 1} more bad rows in this range)" if len(rows.rejects) > 1 else ""
-            raise InputError(f"{path}: record {rec} (row id {rid}): {why}{more}. Fix the input, or "
-                             f"set on_invalid=skip to drop bad rows (listed in vectors/{schema.REJECTS})")
-        t = pa.Table.from_pylist([dict(zip(("id", "file", "record", "reason"), r))
-                                  for r in rows.rejects], schema=schema.rejects_schema())
-        storage.put_bytes(storage.join(stage_uri, _rejects_sidecar(i)), storage.parquet_bytes(t))
-    table = schema.vectors_table(rows.ids, rows.x, rows.labels, rows.source_ids)
-    return storage.write_part(stage_uri, schema.part_name(i), table, start, stop - 1)
+    part_schema = schema.vectors_schema(src.dim, src.label_type, src.source_id_type)
+    rejects: list[tuple] = []
+    with PartWriter(stage_uri, schema.part_name(i), part_schema) as w:
+        for a in range(start, stop, chunk_rows):
+            rows = readers.read_rows(src, a, min(a + chunk_rows, stop))
+            if rows.rejects and on_invalid == "error":
+                rid, path, rec, why = rows.rejects[0]
+                more = f" ({len(rows.rejects) - 1} more bad rows nearby)" if len(rows.rejects) > 1 else ""
+                raise InputError(f"{path}: record {rec} (row id {rid}): {why}{more}. Fix the input, "
+                                 f"or set on_invalid=skip to drop bad rows (listed in "
+                                 f"vectors/{schema.REJECTS})")
+            rejects += rows.rejects
+            w.write(schema.vectors_table(rows.ids, rows.x, rows.labels, rows.source_ids))
+        if rejects:
+            t = pa.Table.from_pylist([dict(zip(("id", "file", "record", "reason"), r)) for r in rejects],
+                                     schema=schema.rejects_schema())
+            storage.put_bytes(storage.join(stage_uri, _rejects_sidecar(i)), storage.parquet_bytes(t))
+        return w.commit(start, stop - 1)
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, schema.Manifest]) -> schema.Manifest:
@@ -51,7 +59,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, schema.Manifest]) -> schema.Manif
     planned = [{"path": schema.part_name(i), "id_min": a, "id_max": b - 1}
                for i, (a, b) in enumerate(ranges)]
     done = out.start(planned)
-    refs = [shard_part.remote(src, out.uri, i, a, b, cfg.on_invalid)
+    refs = [shard_part.remote(src, out.uri, i, a, b, cfg.on_invalid, sc.chunk_rows)
             for i, (a, b) in enumerate(ranges) if schema.part_name(i) not in done]
     parts = list(done.values()) + runtime.get(refs, "shard")
     n_rejects = _collect_rejects(out.uri, len(ranges))
