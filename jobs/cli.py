@@ -90,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     for noisy in ("ray", "filelock", "botocore", "s3fs", "fsspec", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    # key=value overrides may also follow options (vecgraph shard IN OUT --parts 8 k=v)
+    if extra:
+        if [e for e in extra if e.startswith("-") or "=" not in e] or not hasattr(args, "overrides"):
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.fn(args)
     except InputError as e:

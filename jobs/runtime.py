@@ -67,6 +67,7 @@ def get(refs: list, desc: str, show: bool = True) -> list:
             for r in ready:
                 done[r] = unwrap(ray.get, r)
                 bar.update(1)
+                _maybe_crash(desc, len(done))
     finally:
         bar.close()
     return [done[r] for r in refs]
@@ -77,6 +78,15 @@ def progress(it: Any, desc: str, **kwargs: Any) -> Any:
     with total=… for a bar updated by hand."""
     from tqdm import tqdm
     return tqdm(it, desc=desc, leave=False, disable=None, **kwargs)  # None: only on a terminal
+
+
+def _maybe_crash(desc: str, n_done: int) -> None:
+    """Fault injection for the resume tests (as faiss's crash_at): VECGRAPH_CRASH_AT=shard:2
+    SIGKILLs this driver once 2 results of the "shard" wait have arrived."""
+    spec = os.environ.get("VECGRAPH_CRASH_AT", "")
+    if spec and spec == f"{desc}:{n_done}":
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def unwrap(fn: Any, *args: Any) -> Any:

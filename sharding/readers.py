@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import os
 import struct
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - `pa.compute` below; `import pyarrow` alone lacks it
 import pyarrow.parquet as pq
 
 from vecgraph.sharding import storage
@@ -24,6 +26,17 @@ FORMATS = ("auto", "npy", "fvecs", "ivecs", "bvecs", "idx", "parquet")
 BUILTINS = ("sklearn:digits",)
 
 
+@dataclasses.dataclass(frozen=True)
+class NpyLayout:
+    """Where the values of an (n, d) .npy file lie: `offset` header bytes, then n*d values of
+    `dtype` in C (row-major) or Fortran (column-major) order."""
+    n: int
+    d: int
+    dtype: str                # numpy dtype string, byte order included ('<f4', '>f8', ...)
+    fortran: bool
+    offset: int
+
+
 @dataclasses.dataclass
 class SourceFile:
     path: str
@@ -31,6 +44,7 @@ class SourceFile:
     n_rows: int
     offset: int               # global row position of its first row
     labels_path: str | None = None   # IDX labels file paired with an images file
+    npy: NpyLayout | None = None     # .npy header, parsed once when planning
 
 
 @dataclasses.dataclass
@@ -43,6 +57,8 @@ class Source:
     vector_column: str = "vector"
     label_column: str | None = None
     id_column: str | None = None
+    label_type: pa.DataType | None = None      # every part's label column has this type
+    source_id_type: pa.DataType | None = None  # int64 or string
 
     @property
     def n_rows(self) -> int:
@@ -133,6 +149,54 @@ def _vecs_header(path: str, fmt: str) -> tuple[int, int]:
     return d, size // rec
 
 
+NPY_PREFIX = 4096   # one ranged read holds the header of nearly every .npy (numpy writes ~128 bytes)
+
+
+def _npy_prefix(path: str, nbytes: int) -> bytes:
+    """The first `nbytes` bytes of a file (fewer when it is shorter), without reading the rest."""
+    if path.endswith(".gz"):
+        with _open(path) as f:
+            return f.read(nbytes)
+    return storage.read_range(path, 0, nbytes)
+
+
+def _npy_layout(path: str) -> NpyLayout:
+    """Shape, dtype, memory order and data offset of a .npy file from its header alone (one
+    ranged read), checking that it is (n, d), numeric and not truncated."""
+    head = _npy_prefix(path, NPY_PREFIX)
+    try:
+        version = np.lib.format.read_magic(io.BytesIO(head))
+        # header length: uint16 at byte 8 for version 1.0, uint32 for 2.0/3.0
+        length = 10 + struct.unpack("<H", head[8:10])[0] if version == (1, 0) \
+            else 12 + struct.unpack("<I", head[8:12])[0]
+        if length > len(head):
+            head = _npy_prefix(path, length)
+        fh = io.BytesIO(head)
+        np.lib.format.read_magic(fh)
+        # Public readers only (numpy 2 hides _read_array_header); the 2.0 reader also parses
+        # 3.0 headers (same length field, ASCII in practice).
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+            else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(fh)
+    except (ValueError, struct.error) as e:
+        raise InputError(f"{path}: not a readable .npy file ({e}); re-export it with numpy.save "
+                         f"or set shard.format") from None
+    if len(shape) != 2:
+        raise InputError(f"{path}: .npy of shape {shape}, expected (n, d)")
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise InputError(f"{path}: .npy of dtype {dtype}, expected numbers (float, int or uint)")
+    n, d = (int(v) for v in shape)
+    layout = NpyLayout(n, d, dtype.str, bool(fortran), fh.tell())
+    if not path.endswith(".gz"):
+        need = layout.offset + n * d * dtype.itemsize
+        have = storage.size(path)
+        if have < need:
+            raise InputError(f"{path}: truncated .npy: its header says {n} x {d} {dtype.str} "
+                             f"({need} bytes with the header) but the file has {have} bytes; "
+                             f"re-export it")
+    return layout
+
+
 def _parquet_vector_dim(path: str, column: str) -> int | None:
     fs, p = storage.filesystem(path)
     pf = pq.ParquetFile(p, filesystem=fs)
@@ -156,7 +220,7 @@ def open_source(uri: str, fmt: str = "auto", vector_column: str = "vector",
     if uri in BUILTINS:
         from sklearn.datasets import load_digits
         n, d = load_digits().data.shape
-        return Source(uri, [SourceFile(uri, "builtin", n, 0)], d, True)
+        return Source(uri, [SourceFile(uri, "builtin", n, 0)], d, True, label_type=pa.int64())
     if fmt not in FORMATS:
         raise InputError(f"shard.format={fmt!r} is not one of {', '.join(FORMATS)}")
     paths = _expand(uri, fmt)
@@ -165,6 +229,7 @@ def open_source(uri: str, fmt: str = "auto", vector_column: str = "vector",
     fmts = [fmt if fmt != "auto" else _detect(p) for p in paths]
     files: list[SourceFile] = []
     dims: dict[int, str] = {}  # dim -> first file that has it
+    layouts: dict[str, NpyLayout] = {}
     has_labels = False
     if fmts and all(f == "idx" for f in fmts):
         images = [p for p in paths if "idx1-ubyte" not in os.path.basename(p)]
@@ -187,16 +252,8 @@ def open_source(uri: str, fmt: str = "auto", vector_column: str = "vector",
             if f == "idx":
                 raise InputError(f"{p}: IDX files cannot be mixed with other formats in one input")
             if f == "npy":
-                with _open(p) as fh:
-                    version = np.lib.format.read_magic(fh)
-                    # Public readers only (numpy 2 hides _read_array_header); the 2.0 reader
-                    # also parses 3.0 headers (same length field, ASCII in practice).
-                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
-                        else np.lib.format.read_array_header_2_0
-                    shape, _, _ = read_header(fh)
-                if len(shape) != 2:
-                    raise InputError(f"{p}: .npy of shape {shape}, expected (n, d)")
-                n, d = shape
+                layouts[p] = _npy_layout(p)
+                n, d = layouts[p].n, layouts[p].d
             elif f in VEC_FORMATS:
                 d, n = _vecs_header(p, f)
             else:
@@ -210,7 +267,7 @@ def open_source(uri: str, fmt: str = "auto", vector_column: str = "vector",
                     has_labels = True
             if n:
                 dims.setdefault(int(d), p)
-                files.append(SourceFile(p, f, int(n), 0))
+                files.append(SourceFile(p, f, int(n), 0, npy=layouts.get(p)))
     if len(dims) > 1:
         (d0, p0), (d1, p1) = list(dims.items())[:2]
         raise InputError(f"{p1}: record 0 has dim {d1}, but {p0} has dim {d0} (the files of "
@@ -221,11 +278,81 @@ def open_source(uri: str, fmt: str = "auto", vector_column: str = "vector",
     for sf in files:
         sf.offset = offset
         offset += sf.n_rows
-    return Source(uri, files, next(iter(dims)), has_labels, vector_column,
-                  label_column if has_labels else None, id_column)
+    src = Source(uri, files, next(iter(dims)), has_labels, vector_column,
+                 label_column if has_labels else None, id_column)
+    _column_types(src)
+    return src
+
+
+def _column_types(src: Source) -> None:
+    """Fix the label and source-id types from the first file, so every part has one schema."""
+    first = src.files[0]
+    if first.fmt in ("builtin", "idx"):
+        src.label_type = pa.int64() if src.has_labels else None
+        if src.id_column:
+            raise InputError(f"shard.id_column={src.id_column!r}: {first.fmt} inputs carry no ids; "
+                             f"unset it")
+        return
+    if first.fmt != "parquet":
+        if src.id_column:
+            raise InputError(f"shard.id_column={src.id_column!r}: .{first.fmt} inputs carry no ids; "
+                             f"unset it")
+        return
+    fs, p = storage.filesystem(first.path)
+    names = pq.ParquetFile(p, filesystem=fs).schema_arrow
+    if src.label_column:
+        src.label_type = names.field(src.label_column).type
+    if src.id_column:
+        if src.id_column not in names.names:
+            raise InputError(f"{first.path}: no id column {src.id_column!r} (columns: {names.names}); "
+                             f"set shard.id_column")
+        t = names.field(src.id_column).type
+        if pa.types.is_integer(t):
+            src.source_id_type = pa.int64()
+        elif pa.types.is_string(t) or pa.types.is_large_string(t):
+            src.source_id_type = pa.string()
+        else:
+            raise InputError(f"{first.path}: id column {src.id_column!r} has type {t}; ids must be "
+                             f"integers or strings")
 
 
 # ---------------------------------------------------------------- reading one range
+
+def _read_ranges(path: str, starts: list[int], ends: list[int]) -> list[bytes]:
+    """Byte ranges (ascending) of a file: ranged reads of exactly those bytes, or for .gz a
+    forward seek through the decompressed stream (bounded memory)."""
+    if not path.endswith(".gz"):
+        return storage.read_ranges(path, starts, ends)
+    with _open(path) as f:
+        out = []
+        for s, e in zip(starts, ends):
+            f.seek(s)
+            out.append(f.read(e - s))
+        return out
+
+
+def _read_npy(sf: SourceFile, a: int, b: int) -> np.ndarray:
+    """Rows [a, b) of an (n, d) .npy file: memory-mapped when local; elsewhere ranged reads of
+    those rows only (C order: one range; Fortran order: one range per column)."""
+    if storage.is_local(sf.path) and not sf.path.endswith(".gz"):
+        return np.asarray(np.load(storage.filesystem(sf.path)[1], mmap_mode="r")[a:b])
+    lay = sf.npy or _npy_layout(sf.path)
+    dtype = np.dtype(lay.dtype)
+    m, w = b - a, dtype.itemsize
+    if lay.fortran and lay.d > 1:   # column j holds rows 0..n-1 of dimension j
+        starts = [lay.offset + (j * lay.n + a) * w for j in range(lay.d)]
+        ends = [s + m * w for s in starts]
+    else:
+        starts, ends = [lay.offset + a * lay.d * w], [lay.offset + b * lay.d * w]
+    chunks = _read_ranges(sf.path, starts, ends)
+    for s, e, c in zip(starts, ends, chunks):
+        if len(c) != e - s:
+            raise InputError(f"{sf.path}: truncated .npy: rows [{a}, {b}) need bytes [{s}, {e}) "
+                             f"but only {len(c)} of them exist; re-export it")
+    if lay.fortran and lay.d > 1:
+        return np.stack([np.frombuffer(c, dtype) for c in chunks], axis=1)
+    return np.frombuffer(chunks[0], dtype).reshape(m, lay.d)
+
 
 def _read_vecs(sf: SourceFile, a: int, b: int, d: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Records [a, b) of a .?vecs file -> (m, d) values and (record, reason) for bad headers."""
@@ -268,7 +395,12 @@ def _read_parquet(src: Source, sf: SourceFile, a: int, b: int):
     for rg in range(pf.num_row_groups):
         n = pf.metadata.row_group(rg).num_rows
         if start < b and start + n > a:
-            t = pf.read_row_group(rg, columns=cols)
+            try:
+                t = pf.read_row_group(rg, columns=cols)
+            except (OSError, pa.ArrowException) as e:
+                raise InputError(f"{sf.path}: row group {rg} (rows {start}..{start + n - 1}) cannot "
+                                 f"be read ({e}): the file is corrupt or truncated; re-export "
+                                 f"it") from None
             pieces.append(t.slice(max(a - start, 0), min(b, start + n) - max(a, start)))
         start += n
     t = pa.concat_tables(pieces) if pieces else pf.schema_arrow.empty_table().select(cols)
@@ -320,9 +452,7 @@ def read_rows(src: Source, start: int, stop: int) -> Rows:
             ds = load_digits()
             x, lab = ds.data[a:b], pa.array(ds.target[a:b].astype(np.int64))
         elif sf.fmt == "npy":
-            arr = np.load(storage.filesystem(sf.path)[1], mmap_mode="r") if storage.is_local(sf.path) \
-                else np.load(_open(sf.path))
-            x = np.asarray(arr[a:b])
+            x = _read_npy(sf, a, b)
         elif sf.fmt in VEC_FORMATS:
             x, bad = _read_vecs(sf, a, b, src.dim)
         elif sf.fmt == "idx":
@@ -339,6 +469,20 @@ def read_rows(src: Source, start: int, stop: int) -> Rows:
         for i in nonfinite:
             ok[i] = False
             rejects.append((sf.offset + a + int(i), sf.path, a + int(i), "vector holds NaN or Inf"))
+        if sid is not None:
+            sid = sid.cast(src.source_id_type)
+            if pa.types.is_integer(sid.type):
+                neg = np.asarray(pa.compute.fill_null(pa.compute.less(sid, 0), False))
+                for i in np.flatnonzero(ok & neg):
+                    ok[i] = False
+                    rejects.append((sf.offset + a + int(i), sf.path, a + int(i),
+                                    f"negative id {sid[int(i)].as_py()} in column {src.id_column!r}"))
+        if lab is not None and src.label_type is not None and lab.type != src.label_type:
+            try:
+                lab = lab.cast(src.label_type)
+            except pa.ArrowInvalid as e:
+                raise InputError(f"{sf.path}: label column {src.label_column!r} has type {lab.type}, "
+                                 f"not castable to {src.label_type} of the first file ({e})") from None
         xs.append(x[ok])
         ids.append(np.arange(sf.offset + a, sf.offset + b, dtype=np.int64)[ok])
         if lab is not None:
@@ -350,3 +494,31 @@ def read_rows(src: Source, start: int, stop: int) -> Rows:
                 np.concatenate(xs) if xs else np.zeros((0, src.dim), np.float32),
                 pa.concat_arrays(labels) if labels else None,
                 pa.concat_arrays(sids) if sids else None, rejects)
+
+
+def read_source_ids(src: Source, start: int, stop: int) -> pa.Array:
+    """The input id column (src.id_column) of global rows [start, stop), as src.source_id_type."""
+    pieces = []
+    for sf in src.files:
+        a, b = max(start, sf.offset) - sf.offset, min(stop, sf.offset + sf.n_rows) - sf.offset
+        if a >= b:
+            continue
+        fs, p = storage.filesystem(sf.path)
+        pf = pq.ParquetFile(p, filesystem=fs)
+        first = 0
+        for rg in range(pf.num_row_groups):
+            n = pf.metadata.row_group(rg).num_rows
+            if first < b and first + n > a:
+                col = pf.read_row_group(rg, columns=[src.id_column]).column(0)
+                pieces.append(col.slice(max(a - first, 0), min(b, first + n) - max(a, first)))
+            first += n
+    chunks = [c for p in pieces for c in p.chunks]
+    return pa.chunked_array(chunks, type=src.source_id_type).combine_chunks().cast(src.source_id_type)
+
+
+def locate(src: Source, row: int) -> tuple[str, int]:
+    """(file, record within the file) of a global row position."""
+    for sf in src.files:
+        if sf.offset <= row < sf.offset + sf.n_rows:
+            return sf.path, row - sf.offset
+    raise IndexError(row)
