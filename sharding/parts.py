@@ -7,6 +7,7 @@ appear at once). Memory stays at one row group, whatever the part's size.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 import uuid
@@ -15,6 +16,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vecgraph.sharding import schema, storage
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file that hashes what goes through it (no second read of the part)."""
+
+    def __init__(self, f: io.BufferedWriter):
+        self.f, self.digest, self.size = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: bytes) -> int:  # type: ignore[override]
+        self.digest.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+    def tell(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+        super().close()
 
 
 class PartWriter:
@@ -32,7 +56,8 @@ class PartWriter:
         else:
             fd, self.tmp = tempfile.mkstemp(suffix=".parquet.tmp")
             os.close(fd)
-        self.writer = pq.ParquetWriter(self.tmp, arrow_schema, compression="zstd")
+        self.file = _HashingFile(open(self.tmp, "wb"))
+        self.writer = pq.ParquetWriter(self.file, arrow_schema, compression="zstd")
         self.committed: schema.Part | None = None
 
     def write(self, table: pa.Table) -> None:
@@ -41,18 +66,15 @@ class PartWriter:
 
     def commit(self, id_min: int, id_max: int) -> schema.Part:
         self.writer.close()
-        digest, size = hashlib.sha256(), 0
-        with open(self.tmp, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-                size += len(block)
+        self.file.close()
         if storage.is_local(self.uri):
             os.replace(self.tmp, storage.filesystem(self.uri)[1])
         else:
             fs, path = storage.filesystem(self.uri)
             fs.put_file(self.tmp, path)
             os.remove(self.tmp)
-        self.committed = schema.Part(self.name, self.rows, id_min, id_max, size, digest.hexdigest())
+        self.committed = schema.Part(self.name, self.rows, id_min, id_max, self.file.size,
+                                     self.file.digest.hexdigest())
         return self.committed
 
     def __enter__(self) -> "PartWriter":
@@ -61,5 +83,6 @@ class PartWriter:
     def __exit__(self, *exc: object) -> None:
         if self.committed is None:  # failed half-way: leave nothing behind
             self.writer.close()
+            self.file.close()
             if os.path.exists(self.tmp):
                 os.remove(self.tmp)
