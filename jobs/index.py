@@ -31,9 +31,10 @@ def default_train_size(index, n: int) -> int:
 
 
 @ray.remote(max_retries=3)
-def sample_part(vectors_uri: str, path: str, count: int, seed: int, metric: str) -> np.ndarray:
+def sample_part(vectors_uri: str, path: str, count: int, seed: int, metric: str,
+                on_invalid: str) -> np.ndarray:
     runtime.limit_threads(1)
-    _, x = workers.load_part(vectors_uri, path, metric)
+    _, x = workers.load_part(vectors_uri, path, metric, on_invalid)
     rng = np.random.default_rng(seed)
     return x[np.sort(rng.choice(len(x), min(count, len(x)), replace=False))]
 
@@ -49,11 +50,11 @@ def train(template: bytes, xt: np.ndarray) -> bytes:
 
 @ray.remote(max_retries=3)
 def build_shard(vectors_uri: str, part: schema.Part, trained: bytes, metric: str,
-                stage_uri: str, name: str) -> schema.Part:
+                stage_uri: str, name: str, on_invalid: str) -> schema.Part:
     """Add one vector part to a copy of the trained index and write it as shard `name`."""
     import faiss
     runtime.limit_threads(1)
-    _, x = workers.load_part(vectors_uri, part.path, metric)
+    _, x = workers.load_part(vectors_uri, part.path, metric, on_invalid)
     index = faiss.deserialize_index(np.frombuffer(trained, np.uint8))
     index.add(x)
     data = faiss.serialize_index(index).tobytes()
@@ -89,14 +90,14 @@ def run(cfg: PipelineConfig, inputs: dict[str, schema.Manifest]) -> schema.Manif
             shares = np.random.default_rng(cfg.seed).multinomial(
                 n_train, [p.n_rows / vec.n_rows for p in vec.parts])
             xt = np.concatenate(runtime.get(
-                [sample_part.remote(vectors_uri, p.path, int(c), cfg.seed + i, metric)
+                [sample_part.remote(vectors_uri, p.path, int(c), cfg.seed + i, metric, cfg.on_invalid)
                  for i, (p, c) in enumerate(zip(vec.parts, shares)) if c > 0], "train sample"))
             trained = runtime.unwrap(ray.get, train.remote(faiss.serialize_index(index).tobytes(), xt))
         stats["train_size"] = len(xt)
     storage.put_bytes(storage.join(out.uri, TRAINED), trained)
     trained_ref = ray.put(trained)
     refs = [build_shard.remote(vectors_uri, p, trained_ref, metric, out.uri,
-                               schema.shard_index_name(i))
+                               schema.shard_index_name(i), cfg.on_invalid)
             for i, p in enumerate(vec.parts) if schema.shard_index_name(i) not in done]
     parts = list(done.values()) + runtime.get(refs, "index")
     return out.commit(parts, stats, n_rows=vec.n_rows, metric=metric,

@@ -20,26 +20,35 @@ from vecgraph.sharding import schema, storage
 
 
 @ray.remote(max_retries=3)
-def merge_block(query: tuple[np.ndarray, np.ndarray], k: int,
+def merge_block(query: tuple[np.ndarray, np.ndarray], k: int, n_nodes: int, shards: list[Any],
                 *partials: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
-    """Partial top-(k+1) of every shard -> (ids, D (n, k), I (n, k)) without the node itself."""
+    """Partial top-(k+1) of every shard -> (ids, D (n, k), I (n, k), holes refilled) without the
+    node itself. Rows left with -1 holes although n_nodes - 1 >= k other nodes exist (an IVF
+    search that probed too few lists) are searched again exactly on every shard."""
     runtime.limit_threads(1)
-    ids = query[0]
+    ids, xq = query
     D = np.concatenate([p[0] for p in partials], axis=1)
     I = np.concatenate([p[1] for p in partials], axis=1)
     D, I = knn.merge_topk(D, I, k, exclude=ids)
-    return ids, D, I
+    holes = np.flatnonzero((I < 0).sum(1) > max(0, k - (n_nodes - 1)))
+    if len(holes):
+        again = ray.get([s.search.remote((ids[holes], xq[holes]), k + 1, True) for s in shards])
+        D[holes], I[holes] = knn.merge_topk(np.concatenate([a[0] for a in again], axis=1),
+                                            np.concatenate([a[1] for a in again], axis=1), k,
+                                            exclude=ids[holes])
+    return ids, D, I, len(holes)
 
 
 @ray.remote(max_retries=3)
 def write_part(stage_uri: str, name: str, id_min: int, id_max: int,
-               *blocks: tuple[np.ndarray, ...]) -> tuple[schema.Part, int]:
-    """Write graph part `name` from its merged blocks; returns the part and its -1 holes."""
+               *blocks: tuple[np.ndarray, ...]) -> tuple[schema.Part, int, int]:
+    """Write graph part `name` from its merged blocks; returns the part, its -1 padding entries
+    and the number of rows whose IVF holes were refilled."""
     ids = np.concatenate([b[0] for b in blocks])
     D = np.concatenate([b[1] for b in blocks])
     I = np.concatenate([b[2] for b in blocks])
     part = storage.write_part(stage_uri, name, schema.graph_table(ids, I, D), id_min, id_max)
-    return part, int((I < 0).sum())
+    return part, int((I < 0).sum()), sum(b[3] for b in blocks)
 
 
 @ray.remote
@@ -96,11 +105,12 @@ def run(cfg: PipelineConfig, inputs: dict[str, schema.Manifest]) -> schema.Manif
                for i, p in enumerate(vec.parts)]
     done = out.start(planned)
     actors = workers.start_workers(vec, vectors_uri, kc.metric, cfg.ray.actor_cpus, index_uri,
-                                   kc.nprobe)
+                                   kc.nprobe, cfg.on_invalid)
     sizes = runtime.get([a.size.remote() for a in actors], "load shards", False)
+    n_nodes = sum(sizes)
     # Search k+1 per shard: the node itself is dropped by id afterwards.
     writes: list = []
-    results: list[tuple[schema.Part, int]] = []
+    results: list[tuple[schema.Part, int, int]] = []
     for i, (actor, part) in enumerate(zip(actors, vec.parts)):
         if schema.part_name(i) in done:
             continue
@@ -111,14 +121,15 @@ def run(cfg: PipelineConfig, inputs: dict[str, schema.Manifest]) -> schema.Manif
         for a in range(0, max(sizes[i], 1), kc.query_block):
             q = actor.block.remote(a, min(a + kc.query_block, sizes[i]))
             partials = [s.search.remote(q, kc.k + 1) for s in actors]
-            blocks.append(merge_block.remote(q, kc.k, *partials))
+            blocks.append(merge_block.remote(q, kc.k, n_nodes, actors, *partials))
         writes.append(write_part.remote(out.uri, schema.part_name(i), part.id_min, part.id_max,
                                         *blocks))
     results += runtime.get(writes, "knn")
     parts = list(done.values()) + [r[0] for r in results]
-    n_nodes = sum(sizes)
     stats: dict = {"holes": sum(r[1] for r in results),
-                   "expected_holes": sum(sizes) * max(0, kc.k - (n_nodes - 1))}
+                   "expected_holes": n_nodes * max(0, kc.k - (n_nodes - 1)),
+                   "holes_refilled_rows": sum(r[2] for r in results),
+                   "zero_vectors_skipped": vec.n_rows - n_nodes}
     with runtime.timed("recall", stats):
         stats.update(measure_recall(actors, sizes, out.uri, sorted(parts, key=lambda p: p.path),
                                     kc.k, kc.recall_sample, cfg.seed))
