@@ -103,9 +103,12 @@ def _detect(path: str) -> str:
                      f"{', '.join(FORMATS[1:])}")
 
 
+REMOTE_BLOCK = 4 * 2**20   # read-ahead of a remote stream (gzip, IDX); s3fs's default is 50 MiB
+
+
 def _open(path: str):
     fs, p = storage.filesystem(path)
-    f = fs.open(p, "rb")
+    f = fs.open(p, "rb") if storage.is_local(path) else fs.open(p, "rb", block_size=REMOTE_BLOCK)
     return gzip.open(f) if path.endswith(".gz") else f
 
 
