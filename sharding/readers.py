@@ -361,10 +361,7 @@ def _read_vecs(sf: SourceFile, a: int, b: int, d: int) -> tuple[np.ndarray, list
     """Records [a, b) of a .?vecs file -> (m, d) values and (record, reason) for bad headers."""
     dtype, width = VEC_FORMATS[sf.fmt]
     rec = 4 + d * width
-    fs, p = storage.filesystem(sf.path)
-    with fs.open(p, "rb") as f:
-        f.seek(a * rec)
-        raw = f.read((b - a) * rec)
+    raw = storage.read_range(sf.path, a * rec, b * rec)  # exactly this range (one GET on S3)
     arr = np.frombuffer(raw, dtype=np.uint8).reshape(b - a, rec)
     dims = arr[:, :4].copy().view("<i4").reshape(-1)
     bad = [(a + int(i), f"record header says dim {int(dims[i])}, expected {d} (mixed dims)")
