@@ -71,17 +71,33 @@ class KnnConfig:
 @dataclasses.dataclass(frozen=True)
 class KmeansConfig:
     k: int = 10
-    niter: int = 20
-    init: str = "kmeans++"
+    niter: int = 20             # Lloyd updates (Faiss's niter)
+    init: str = "kmeans++"      # kmeans++ | random | path/URI of a (k, d) .npy of initial centroids
     n_init: int = 1             # restarts; the lowest final inertia wins
     sample_size: int = 100_000  # points drawn for the initialisation
+    train_size: Optional[int] = None  # None: Lloyd over all parts; n: Lloyd on a seeded sample
+    #                                   of n rows (on the driver), then one assignment pass
 
     def __post_init__(self) -> None:
         _check(self.k >= 1, f"kmeans.k={self.k} should be >= 1")
         _check(self.niter >= 0, f"kmeans.niter={self.niter} should be >= 0")
         _check(self.n_init >= 1, f"kmeans.n_init={self.n_init} should be >= 1")
-        _check(self.init in ("kmeans++", "random"),
-               f"kmeans.init={self.init!r} should be 'kmeans++' or 'random'")
+        _check(self.sample_size >= self.k,
+               f"kmeans.sample_size={self.sample_size} should be >= kmeans.k={self.k}")
+        _check(self.init in ("kmeans++", "random") or self.init.endswith(".npy"),
+               f"kmeans.init={self.init!r} should be 'kmeans++', 'random' or a .npy file of "
+               f"initial centroids")
+        _check(self.n_init == 1 or not self.init_file,
+               f"kmeans.n_init={self.n_init} should be 1 when kmeans.init is a file (every "
+               f"restart would start from the same centroids)")
+        _check(self.train_size is None or self.train_size >= self.k,
+               f"kmeans.train_size={self.train_size} should be >= kmeans.k={self.k} (or null "
+               f"to run Lloyd over all vectors)")
+
+    @property
+    def init_file(self) -> bool:
+        """Whether `init` names a file of initial centroids (not a method)."""
+        return self.init not in ("kmeans++", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +164,8 @@ class PipelineConfig:
                f"stages={list(self.stages)} should be in pipeline order {order}")
         _check(self.on_invalid in ("error", "skip"),
                f"on_invalid={self.on_invalid!r} should be 'error' or 'skip'")
+        _check(not self.input.startswith("spark:") or self.shard.engine == "spark",
+               f"input={self.input!r} is a Spark table; set shard.engine=spark (--engine spark)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -250,7 +268,7 @@ def stage_config(cfg: PipelineConfig, stage: str) -> dict:
     common = {"input": cfg.input, "seed": cfg.seed, "on_invalid": cfg.on_invalid}
     sections = {"shard": ["shard"], "index": ["index", "knn.metric"], "knn": ["knn"],
                 "kmeans": ["kmeans"], "mcl": ["mcl"], "propagate": ["propagate"]}[stage]
-    out = dict(common) if stage == "shard" else {"seed": cfg.seed}
+    out = dict(common) if stage == "shard" else {"seed": cfg.seed, "on_invalid": cfg.on_invalid}
     full = cfg.to_dict()
     for s in sections:
         if "." in s:

@@ -29,7 +29,8 @@ def input_manifest(out: str, stage: str, needed_by: str) -> schema.Manifest:
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Run cfg.stages under cfg.out; returns {stage: Manifest} plus "report" when listed."""
-    runtime.init(cfg.ray)
+    if not (cfg.shard.engine == "spark" and list(cfg.stages) == ["shard"]):  # Spark alone: no Ray
+        runtime.init(cfg.ray)
     done: dict[str, Any] = {}
     for stage in cfg.stages:
         t0 = time.perf_counter()

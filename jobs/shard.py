@@ -39,7 +39,8 @@ def duplicate_ids(src: readers.Source, bucket: int, n_buckets: int,
     rows, values = [], []
     for a in range(0, src.n_rows, chunk_rows):
         ids = readers.read_source_ids(src, a, min(a + chunk_rows, src.n_rows))
-        mine = np.flatnonzero(bucket_of(ids, n_buckets) == bucket)
+        valid = np.asarray(ids.is_valid().to_numpy(zero_copy_only=False))  # null ids never repeat
+        mine = np.flatnonzero((bucket_of(ids, n_buckets) == bucket) & valid)
         rows.append(a + mine)
         values.append(np.asarray(ids.take(pa.array(mine)).to_numpy(zero_copy_only=False)))
     rows_, values_ = np.concatenate(rows), np.concatenate(values)

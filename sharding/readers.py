@@ -266,6 +266,9 @@ def open_source(uri: str, fmt: str = "auto", vector_column: str = "vector",
                 except Exception as e:  # pyarrow raises several types for corrupt files
                     raise InputError(f"{p}: not a readable Parquet file ({e}); re-export it") from e
                 d = _parquet_vector_dim(p, vector_column) if n else None
+                if n and d is None:
+                    raise InputError(f"{p}: every row of column {vector_column!r} is null; drop the "
+                                     f"file or fill the vectors")
                 if label_column and label_column in pq.ParquetFile(pp, filesystem=fs).schema_arrow.names:
                     has_labels = True
             if n:
