@@ -10,15 +10,30 @@ from vecgraph.clustering import kmeans as km
 from vecgraph.graph import knn
 from vecgraph.jobs import runtime
 from vecgraph.sharding import schema, storage
+from vecgraph.sharding.errors import InputError
 
 
-def load_part(vectors_uri: str, path: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids (n,) int64, x (n, d) float32) of one vector part; rows unit-normalised for cosine."""
+def load_part(vectors_uri: str, path: str, metric: str,
+              on_invalid: str = "error") -> tuple[np.ndarray, np.ndarray]:
+    """(ids (n,) int64, x (n, d) float32) of one vector part; rows unit-normalised for cosine.
+
+    Zero vectors have no cosine: an InputError naming their ids, or with on_invalid=skip they
+    are left out (of the index shard and the graph alike)."""
     t = storage.read_table(storage.join(vectors_uri, path), [schema.ID, schema.VECTOR])
+    ids = t.column(schema.ID).to_numpy()
     x = schema.list_column(t, schema.VECTOR, np.float32)
     if metric == "cosine":
+        zero = ~(x != 0).any(axis=1)
+        if zero.any():
+            if on_invalid != "skip":
+                raise InputError(f"{storage.join(vectors_uri, path)}: knn.metric=cosine but the "
+                                 f"vectors of ids {ids[zero][:10].tolist()}"
+                                 f"{' …' if zero.sum() > 10 else ''} ({int(zero.sum())} in this part) "
+                                 f"are all zeros, which have no direction; drop them, use another "
+                                 f"metric, or set on_invalid=skip to leave them out of the graph")
+            ids, x = ids[~zero], x[~zero]
         x = knn.normalize_rows(x)
-    return t.column(schema.ID).to_numpy(), np.ascontiguousarray(x, dtype=np.float32)
+    return ids, np.ascontiguousarray(x, dtype=np.float32)
 
 
 def faiss_metric(metric: str) -> int:
@@ -31,10 +46,10 @@ class PartWorker:
     """One vector part (ids, x) and optionally its Faiss index shard, for search and k-means."""
 
     def __init__(self, vectors_uri: str, path: str, metric: str, index_uri: str | None = None,
-                 nprobe: int = 1) -> None:
+                 nprobe: int = 1, on_invalid: str = "error") -> None:
         runtime.limit_threads(1)
         self.metric = metric
-        self.ids, self.x = load_part(vectors_uri, path, metric)
+        self.ids, self.x = load_part(vectors_uri, path, metric, on_invalid)
         self.index = None
         if index_uri is not None:
             import faiss
@@ -83,9 +98,7 @@ class PartWorker:
 
     def kmeans_stats(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """Partial sums (k, d) float64, counts (k,) and inertia of this part's assignment."""
-        labels, dist = km.assign(self.x, centroids)
-        sums, counts = km.partial_sums(self.x, labels, len(centroids))
-        return sums, counts, float(dist.astype(np.float64).sum())
+        return km.stats(self.x, centroids)
 
     def kmeans_write(self, stage_uri: str, name: str, centroids: np.ndarray, id_min: int,
                      id_max: int) -> schema.Part:
@@ -95,14 +108,16 @@ class PartWorker:
 
 
 def start_workers(vectors_m: schema.Manifest, vectors_uri: str, metric: str, cpus: float,
-                  index_uri: str | None = None, nprobe: int = 1) -> list[Any]:
+                  index_uri: str | None = None, nprobe: int = 1,
+                  on_invalid: str = "error") -> list[Any]:
     """One PartWorker per vector part. Together they declare at most half the cluster's CPUs,
     so the tasks they wait on can always be scheduled (no deadlock on 2 cores)."""
     total = ray.cluster_resources().get("CPU", 1)
     per = max(0.01, min(cpus, 0.5 * total / max(len(vectors_m.parts), 1)))
     return [PartWorker.options(num_cpus=per).remote(
         vectors_uri, p.path, metric,
-        None if index_uri is None else storage.join(index_uri, schema.shard_index_name(i)), nprobe)
+        None if index_uri is None else storage.join(index_uri, schema.shard_index_name(i)), nprobe,
+        on_invalid)
         for i, p in enumerate(vectors_m.parts)]
 
 

@@ -180,3 +180,88 @@ def test_init_centroids_are_sample_rows_and_deterministic(method):
     assert not np.array_equal(km.init_centroids(x, 8, method, np.random.default_rng(8)), c)
     if method == "kmeans++":  # D^2 sampling never picks a copy of a chosen point
         assert len(np.unique(c, axis=0)) == 8
+
+
+# ---------------------------------------------------------------- the Lloyd loop vs Faiss
+
+
+def blobs(seed: int = 11, n: int = 2000, d: int = 16, k: int = 8) -> np.ndarray:
+    """k overlapping Gaussian blobs (Lloyd takes ~12 steps from random rows), with faiss-style
+    nasty rows: a block of exact duplicates and a duplicate pair across parts."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d)) * 2.5
+    x = (centers[rng.integers(0, k, n)] + rng.normal(size=(n, d))).astype(np.float32)
+    x[10:25] = x[3]
+    x[100] = x[3 * n // 4]
+    return x
+
+
+def parts_stats(x: np.ndarray, n_parts: int):
+    """stats(centroids) summed over parts of x, as the stage sums its actors' partial stats."""
+    parts = [x[s] for s in parts_of(len(x), n_parts)]
+
+    def stats(c):
+        got = [km.stats(p, c) for p in parts]
+        return sum(g[0] for g in got), sum(g[1] for g in got), sum(g[2] for g in got)
+    return stats
+
+
+def split_rngs(i: int) -> np.random.Generator:
+    return np.random.default_rng([77, i])
+
+
+@pytest.mark.parametrize("niter", [1, 2, 10, 40])
+def test_lloyd_over_4_parts_equals_faiss_kmeans_from_the_same_init(niter):
+    """faiss.Kmeans(niter=N).train(x, init_centroids=C0) does N (assign, update) iterations;
+    obj[i] is the inertia *before* update i. lloyd(niter=N) does the same N updates and returns
+    the N inertias plus that of the final centroids. Faiss >= 1.13 stops early once obj repeats
+    exactly (early_stop_threshold=0): a Lloyd fixed point, where our further updates change
+    nothing, so the centroids still agree (niter=40 checks this).
+    Tolerances: Faiss sums each cluster in float32 (we sum in float64), so centroids differ by
+    ~sqrt(m) float32 ulps of |x| (seen: 3e-7 |x|max); asserted at 1e-5 |x|max. Objectives are
+    float32 sums in Faiss: rtol 1e-5. Assignments: identical (no near-ties in this data)."""
+    faiss = pytest.importorskip("faiss")
+    x = blobs()
+    n, d = x.shape
+    C0 = x[np.random.default_rng(5).choice(np.arange(30, n), 8, replace=False)].copy()
+    state, final = km.lloyd(parts_stats(x, 4), km.LloydState(C0), niter, split_rngs)
+    assert state.iteration == niter and len(state.inertia) == niter and state.n_split == 0
+
+    ref = faiss.Kmeans(d, 8, niter=niter, max_points_per_centroid=n, seed=3)
+    ref.train(x, init_centroids=C0)   # max_points_per_centroid >= n: no subsampling
+    assert all(s["nsplit"] == 0 for s in ref.iteration_stats)
+    D, I = ref.index.search(x, 1)
+    scale = float(np.abs(x).max())
+    np.testing.assert_allclose(state.centroids, ref.centroids, rtol=0, atol=1e-5 * scale)
+    lab, dist = km.assign(x, state.centroids)
+    np.testing.assert_array_equal(lab, I[:, 0])
+    np.testing.assert_allclose(dist, D[:, 0], rtol=1e-5, atol=1e-5 * scale)
+    ran = len(ref.obj)
+    assert ran == niter or (niter == 40 and 5 < ran < 40)
+    np.testing.assert_allclose(state.inertia[:ran], ref.obj, rtol=1e-5)
+    np.testing.assert_allclose(final, D.astype(np.float64).sum(), rtol=1e-5)
+    if ran < niter:  # Faiss stopped at a fixed point: our later passes repeat it exactly
+        assert len(set(state.inertia[ran - 1:])) == 1 and final == state.inertia[-1]
+    ref1, _ = km.lloyd(parts_stats(x, 1), km.LloydState(C0), niter, split_rngs)
+    np.testing.assert_allclose(ref1.centroids, state.centroids, rtol=0, atol=1e-6 * scale)
+
+
+def test_lloyd_resumed_from_any_saved_state_is_bit_identical():
+    """Checkpoint/resume at the kernel level: the state handed to on_step after update j,
+    fed back to lloyd, gives bit-identical centroids and history, split randomness included
+    (C0 holds a duplicate centroid, so update 0 must split a cluster)."""
+    x = blobs(seed=3, n=600)
+    C0 = x[[40, 90, 140, 300, 400, 450, 520, 580]].copy()
+    C0[7] = C0[2]  # cluster 7 never wins a tie against cluster 2: empty at the first update
+    saved: list[km.LloydState] = []
+    full, final = km.lloyd(parts_stats(x, 4), km.LloydState(C0), 6, split_rngs, saved.append)
+    assert [s.iteration for s in saved] == [1, 2, 3, 4, 5, 6] and full.n_split >= 1
+    for s in saved:
+        again, final2 = km.lloyd(parts_stats(x, 4), s, 6, split_rngs)
+        np.testing.assert_array_equal(again.centroids, full.centroids)
+        assert again.inertia == full.inertia and final2 == final
+        assert again.n_split == full.n_split
+    other: list[km.LloydState] = []
+    km.lloyd(parts_stats(x, 4), km.LloydState(C0), 1, lambda i: np.random.default_rng([78, i]),
+             other.append)
+    assert not np.array_equal(other[0].centroids, saved[0].centroids), "split ignored its rng"
