@@ -61,7 +61,7 @@ class PartWriter:
         self.committed: schema.Part | None = None
 
     def write(self, table: pa.Table) -> None:
-        self.writer.write_table(table.cast(self.schema))
+        self.writer.write_table(table if table.schema.equals(self.schema) else table.cast(self.schema))
         self.rows += table.num_rows
 
     def commit(self, id_min: int, id_max: int) -> schema.Part:

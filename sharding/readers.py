@@ -486,17 +486,22 @@ def read_rows(src: Source, start: int, stop: int) -> Rows:
             except pa.ArrowInvalid as e:
                 raise InputError(f"{sf.path}: label column {src.label_column!r} has type {lab.type}, "
                                  f"not castable to {src.label_type} of the first file ({e})") from None
-        xs.append(x[ok])
+        all_ok = bool(ok.all())  # the common case: no copy of the block
+        xs.append(x if all_ok else x[ok])
         ids.append(np.arange(sf.offset + a, sf.offset + b, dtype=np.int64)[ok])
         if lab is not None:
-            labels.append(lab.filter(pa.array(ok)))
+            labels.append(lab if all_ok else lab.filter(pa.array(ok)))
         if sid is not None:
-            sids.append(sid.filter(pa.array(ok)))
+            sids.append(sid if all_ok else sid.filter(pa.array(ok)))
     rejects.sort()
-    return Rows(np.concatenate(ids) if ids else np.zeros(0, np.int64),
-                np.concatenate(xs) if xs else np.zeros((0, src.dim), np.float32),
+    return Rows(_join(ids, np.zeros(0, np.int64)), _join(xs, np.zeros((0, src.dim), np.float32)),
                 pa.concat_arrays(labels) if labels else None,
                 pa.concat_arrays(sids) if sids else None, rejects)
+
+
+def _join(pieces: list[np.ndarray], empty: np.ndarray) -> np.ndarray:
+    """np.concatenate without the copy when there is one piece."""
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else empty
 
 
 def read_source_ids(src: Source, start: int, stop: int) -> pa.Array:
