@@ -463,7 +463,7 @@ def read_rows(src: Source, start: int, stop: int) -> Rows:
             lab = None if y is None else pa.array(y)
         else:
             x, bad, lab, sid = _read_parquet(src, sf, a, b)
-        x = np.asarray(x, dtype=np.float32)  # also converts byte order and memory order
+        x = np.ascontiguousarray(x, dtype=np.float32)  # also converts byte order and memory order
         ok = np.ones(len(x), bool)
         for rec, why in bad:
             ok[rec - a] = False
