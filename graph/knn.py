@@ -90,14 +90,35 @@ def merge_topk(D: Any, I: Any, k: int, exclude: Any = None) -> tuple[Any, Any]:
 
 
 def search_exact(xq: Any, xb: Any, ids_b: Any, k: int, metric: str,
-                 block: int = 16384) -> tuple[Any, Any]:
+                 block: int = 16384, threads: int | None = None) -> tuple[Any, Any]:
     """Exact top-k of each query in a base block, ties by id.
 
     xq: (nq, d) float32, xb: (nb, d) float32, ids_b: (nb,) int64 global ids of xb's rows.
-    Returns D: (nq, k') float32, I: (nq, k') int64 with k' = min(k, nb). Candidates are chosen
-    by GEMM distances with a 2k margin, then their distances are recomputed pair by pair, so
-    exact duplicates get exactly 0 whatever the blocking.
+    Returns D: (nq, k') float32, I: (nq, k') int64 with k' = min(k, nb). Candidates are the
+    2k+8 smallest GEMM distances (ties at the last by smaller id), then their distances are
+    recomputed pair by pair, so exact duplicates get exactly 0 whatever the blocking.
+    numpy float32 inputs take the compiled path (graph/topk.py, same bytes, using `threads`
+    threads, None = all the caller allows) when numba is installed; cupy inputs and the rest
+    take the array-module path, whose query blocks have `block` rows at most.
     """
+    kk = min(k, xb.shape[0])
+    if (type(xq) is np.ndarray and type(xb) is np.ndarray and xq.dtype == xb.dtype == np.float32
+            and len(xq) > 0 and kk > 0 and 2 * kk + 8 < len(xb)):
+        try:
+            from vecgraph.graph import topk
+        except ImportError:  # no numba: the array-module path below
+            topk = None
+        if topk is not None:
+            out = topk.search(np.ascontiguousarray(xq), np.ascontiguousarray(xb),
+                              np.ascontiguousarray(ids_b, np.int64), kk, metric, threads)
+            if out is not None:  # None: NaN or inf in the input
+                return out
+    return search_exact_xp(xq, xb, ids_b, k, metric, block)
+
+
+def search_exact_xp(xq: Any, xb: Any, ids_b: Any, k: int, metric: str,
+                    block: int = 16384) -> tuple[Any, Any]:
+    """search_exact by whole-array operations of numpy or cupy (the reference for topk.py)."""
     xp = array_module(xq)
     nq, nb = xq.shape[0], xb.shape[0]
     kk = min(k, nb)
@@ -114,9 +135,47 @@ def search_exact(xq: Any, xb: Any, ids_b: Any, k: int, metric: str,
             xp.broadcast_to(xp.arange(nb), (len(q), nb))
         De = exact_distances(xp.repeat(q, m, axis=0), xb[cand.reshape(-1)], metric)
         D, I = sort_topk(De.reshape(len(q), m).astype(xp.float32), ids_b[cand], kk)
+        if m < nb:
+            gm = xp.take_along_axis(Dg, cand, 1).max(axis=1)
+            complete_ties(q, xb, ids_b, kk, metric, gm, cand, D, I)
         Ds.append(D)
         Is.append(I)
     return xp.concatenate(Ds), xp.concatenate(Is)
+
+
+def tie_rows(gm: Any, tk: Any, qn: Any, bmax: float, d: int) -> Any:
+    """Rows whose GEMM margin may hide a tie or a better neighbour: the m-th candidate's GEMM
+    distance gm is within the rounding bound of the k-th exact distance tk (both (n,) float32;
+    qn: (n,) squared query norms, bmax: largest squared base norm). A GEMM distance is within
+    2(d+2)u(qn + bn) of the real one, a pairwise one within (d+3)u|tk|; the bound doubles both."""
+    xp = array_module(gm)
+    u = float(np.finfo(np.float32).eps) / 2
+    tol = 4 * (d + 4) * u * (qn.astype(xp.float64) + bmax + xp.abs(tk.astype(xp.float64)))
+    return xp.flatnonzero(gm.astype(xp.float64) <= tk.astype(xp.float64) + tol), tol
+
+
+def complete_ties(xq: Any, xb: Any, ids_b: Any, k: int, metric: str, gm: Any, pos: Any,
+                  D: Any, I: Any) -> None:
+    """Redo, in place, the rows of (D, I) (n, k) whose 2k+8 GEMM candidates may miss an entry
+    that ties or beats their k-th exact distance (tie groups larger than the margin, whose GEMM
+    values differ in the last bits): such a row is searched again over every base entry whose
+    GEMM distance is within the rounding bound, so the result is the brute-force top k by
+    (pairwise distance, id) whatever the blocking. xq: (n, d); gm: (n,) the m-th candidate's
+    GEMM distance; pos: (n, m) int64 positions in xb of the candidates."""
+    xp = array_module(xq)
+    if k == 0 or len(xq) == 0:
+        return
+    rows, tol = tie_rows(gm, D[:, k - 1], (xq * xq).sum(1), float((xb * xb).sum(1).max()),
+                         xq.shape[1])
+    for r in rows.tolist():
+        g = pairwise_distances(xq[r:r + 1], xb, metric)[0]
+        near = xp.flatnonzero(g.astype(xp.float64) <= float(D[r, k - 1]) + float(tol[r]))
+        cand = xp.union1d(near, pos[r])
+        De = xp.concatenate([exact_distances(xp.broadcast_to(xq[r], (len(c), xq.shape[1])),
+                                             xb[c], metric)
+                             for c in xp.array_split(cand, len(cand) // 65536 + 1)])
+        Dr, Ir = sort_topk(De[None].astype(xp.float32), ids_b[cand][None], k)
+        D[r], I[r] = Dr[0], Ir[0]
 
 
 def _candidates(xp: Any, Dg: Any, ids_b: Any, m: int) -> Any:

@@ -7,10 +7,12 @@ exact, so there D and I must be *equal*, ties included.
 from __future__ import annotations
 
 import itertools
+import sys
 
 import numpy as np
 import pytest
 
+import vecgraph.graph
 from tests.conftest import nasty_vectors
 from vecgraph.graph import knn
 
@@ -268,3 +270,154 @@ def test_merge_topk_pads_only_when_fewer_than_k_other_nodes(n_shards, k):
     assert (I[:, 5:] == -1).all() and np.isposinf(D[:, 5:]).all() and I.shape[1] - 5 == n_pad
     assert (I[:, :5] >= 0).all() and np.isfinite(D[:, :5]).all()
     assert I[1, 0] == 20 and D[1, 0] == 0.0 and I[4, 0] == 8 and D[4, 0] == 0.0
+
+
+# ---------------------------------------------------------------- compiled path (graph/topk.py)
+
+
+def topk_module():
+    pytest.importorskip("numba")
+    from vecgraph.graph import topk
+    return topk
+
+
+def nasty_big(metric: str, seed: int = 11, n: int = 700, d: int = 24) -> np.ndarray:
+    """Clustered rows, 15 copies of row 3, a duplicate pair and a 60-row constant block: more
+    copies than the 2k+8 margin for small k, so ties by id past the margin are exercised."""
+    x = nasty_vectors(np.random.default_rng(seed), n=n, d=d)
+    x[300:360] = 0.25
+    return knn.normalize_rows(x) if metric == "cosine" else x
+
+
+def assert_same(a: tuple, b: tuple) -> None:
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[0].dtype == np.float32 and a[1].dtype == np.int64
+
+
+# tiles that cut the data at odd places, one bigger than the data, and the defaults
+TILES = [(7, 13), (64, 100), (1000, 1000), (1024, 512)]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("k", [1, 5, 10, 40])
+def test_compiled_equals_numpy_path_and_brute_force(metric, k):
+    topk = topk_module()
+    x = nasty_big(metric)
+    ids = 5000 + 7 * np.random.default_rng(k).permutation(len(x)).astype(np.int64)
+    q = np.r_[0:40, 100, 200, 3, 10, 24, 300:306, 650:700]
+    ref = knn.search_exact_xp(x[q], x, ids, k, metric)
+    Dr, Ir = ref_topk(x[q], ids[q], x, ids, k, metric, exclude_self=False)
+    np.testing.assert_array_equal(ref[1], Ir)
+    np.testing.assert_allclose(ref[0], Dr, rtol=1e-5, atol=atol_for(x))
+    for qb, bb in TILES:
+        got = topk.search(x[q], x, ids, k, metric, threads=2, qb=qb, bb=bb)
+        assert_same(got, ref)
+    assert_same(knn.search_exact(x[q], x, ids, k, metric), ref)
+    if metric != "ip":
+        got = knn.search_exact(x[q], x, ids, k, metric)
+        assert (got[0][Dr == 0.0] == 0.0).all(), "exact duplicates must be at distance exactly 0.0"
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("k", [1, 3, 10, 30])
+def test_compiled_ties_by_id_on_integer_data(metric, k):
+    # Small integers: every float32 sum is exact, so there are many exact ties (and the
+    # 3^3 = 27 distinct rows of 500 mean every tie group is bigger than the 2k+8 margin).
+    topk = topk_module()
+    x = integer_data(seed=k, n=500, d=3)
+    ids = 10 * np.random.default_rng(k).permutation(len(x)).astype(np.int64)
+    Dr, Ir = ref_topk(x, ids, x, ids, k, metric, exclude_self=False)
+    ref = knn.search_exact_xp(x, x, ids, k, metric)
+    np.testing.assert_array_equal(ref[1], Ir)
+    np.testing.assert_array_equal(ref[0], Dr.astype(np.float32))
+    for qb, bb in TILES:
+        assert_same(topk.search(x, x, ids, k, metric, threads=1, qb=qb, bb=bb), ref)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_compiled_constant_block_and_all_equal_base(metric):
+    topk = topk_module()
+    x = np.full((300, 8), 0.5, np.float32)
+    x[::37] = np.arange(8, dtype=np.float32) / 8
+    if metric == "cosine":
+        x = knn.normalize_rows(x)
+    ids = np.arange(300, dtype=np.int64)[::-1].copy()  # ids descending with the row
+    for k in (1, 4, 20):
+        ref = knn.search_exact_xp(x[:50], x, ids, k, metric)
+        Dr, Ir = ref_topk(x[:50], ids[:50], x, ids, k, metric, exclude_self=False)
+        np.testing.assert_array_equal(ref[1], Ir)
+        for qb, bb in TILES[:2]:
+            assert_same(topk.search(x[:50], x, ids, k, metric, threads=2, qb=qb, bb=bb), ref)
+
+
+def test_compiled_k_at_and_past_the_base_size_takes_the_numpy_path():
+    topk_module()
+    x = nasty_big("l2")[:30]
+    ids = np.arange(30, dtype=np.int64)[::-1].copy()
+    for k in (11, 12, 30, 45):  # 2k+8 >= nb: no selection to do
+        D, I = knn.search_exact(x, x, ids, k, "l2")
+        assert_same((D, I), knn.search_exact_xp(x, x, ids, k, "l2"))
+        assert D.shape == (30, min(k, 30))
+
+
+def test_compiled_threads_and_tiles_do_not_change_bytes():
+    topk = topk_module()
+    x = nasty_big("l2", n=1500)
+    ids = np.arange(len(x), dtype=np.int64)
+    ref = topk.search(x, x, ids, 7, "l2", threads=1)
+    for threads, qb, bb in ((2, 100, 333), (4, 256, 1024), (3, 1, 2000)):
+        assert_same(topk.search(x, x, ids, 7, "l2", threads=threads, qb=qb, bb=bb), ref)
+
+
+def test_compiled_restores_blas_threads_and_respects_limits():
+    topk = topk_module()
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    x = nasty_big("l2")
+    topk.search(x, x, np.arange(len(x), dtype=np.int64), 5, "l2")
+    assert blas_threads() == before
+    with threadpool_limits(1, user_api="blas"):
+        assert topk.allowed_threads() == 1
+
+
+def test_non_finite_input_and_no_numba_take_the_numpy_path(monkeypatch):
+    x = nasty_big("l2")
+    ids = np.arange(len(x), dtype=np.int64)
+    ref = knn.search_exact_xp(x[:20], x, ids, 4, "l2")
+    calls = []
+    xp_path = knn.search_exact_xp
+    monkeypatch.setattr(knn, "search_exact_xp", lambda *a: calls.append(1) or xp_path(*a))
+    # a box without numba: importing topk fails
+    monkeypatch.setitem(sys.modules, "vecgraph.graph.topk", None)
+    monkeypatch.delattr(vecgraph.graph, "topk", raising=False)
+    assert_same(knn.search_exact(x[:20], x, ids, 4, "l2"), ref)
+    assert calls == [1]
+    monkeypatch.undo()
+    topk = topk_module()
+    y = x.copy()
+    y[5, 2] = np.nan
+    assert topk.search(y[:20], y, ids, 4, "l2") is None
+    monkeypatch.setattr(knn, "search_exact_xp", lambda *a: calls.append(2) or xp_path(*a))
+    knn.search_exact(y[:20], y, ids, 4, "l2")
+    assert calls == [1, 2]
+
+
+@pytest.mark.parametrize("d", [1, 5, 8, 17, 64, 128, 129, 384, 1000])
+def test_compiled_pair_distances_are_numpys_bytes(d):
+    topk = topk_module()
+    for metric in METRICS:
+        assert topk._exact_matches_numpy(d, metric)
+    t = np.random.default_rng(d).standard_normal(d).astype(np.float32)
+    stack, vals = np.empty((3, 192), np.int64), np.empty(64, np.float32)
+    assert topk._pairwise_sum(t, stack, vals) == t[None, :].sum(1)[0]
+
+
+def test_import_knn_does_not_import_numba():
+    import subprocess
+    code = "import sys, vecgraph.graph.knn; sys.exit('numba' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
