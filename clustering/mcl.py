@@ -22,6 +22,26 @@ def expand(block: sp.csr_matrix, ids: np.ndarray, rows: sp.csr_matrix) -> sp.csr
     return (local @ rows).tocsr()
 
 
+def expand_inflate(block: sp.csr_matrix, ids: np.ndarray, rows: sp.csr_matrix, inflation: float,
+                   threshold: float, max_entries: int,
+                   max_product: int = 1 << 22) -> sp.csr_matrix:
+    """inflate(expand(block, ids, rows), ...) by chunks of block rows whose product holds at
+    most about `max_product` entries (at least one row a chunk): the unpruned product of a
+    whole block has up to s^2 entries per row (10 GB for 250k rows at s = 50), a chunk's is
+    pruned before the next is formed. Rows are independent, so the result is the same bytes.
+    """
+    local_cols = np.searchsorted(ids, block.indices)
+    local = sp.csr_matrix((block.data, local_cols, block.indptr), shape=(block.shape[0], len(ids)))
+    # entries of product row i <= sum of the sizes of the rows it names
+    work = np.concatenate([[0], np.cumsum(np.diff(rows.indptr)[local.indices])])[local.indptr]
+    m, chunks, a = block.shape[0], [], 0
+    while a < m or not chunks:
+        b = min(m, max(a + 1, int(np.searchsorted(work, work[a] + max_product, "right")) - 1))
+        chunks.append(inflate((local[a:b] @ rows).tocsr(), inflation, threshold, max_entries))
+        a = b
+    return sp.vstack(chunks, format="csr") if len(chunks) > 1 else chunks[0]
+
+
 def prune_rows(block: sp.csr_matrix, threshold: float, max_entries: int) -> sp.csr_matrix:
     """Drop entries below `threshold`, then keep at most `max_entries` per row (largest values,
     ties by smaller column); each row's maximum is always kept."""

@@ -51,7 +51,7 @@ def step(block: Block, inflation: float, threshold: float, max_entries: int,
     requests, served = args[:P], args[P:]
     ids = np.concatenate(requests)
     rows = sp.vstack(served, format="csr") if len(ids) else sp.csr_matrix((0, block.rows.shape[1]))
-    new = mcl.inflate(mcl.expand(block.rows, ids, rows), inflation, threshold, max_entries)
+    new = mcl.expand_inflate(block.rows, ids, rows, inflation, threshold, max_entries)
     return [Block(block.start, block.ids, new), mcl.chaos(new), *matrix.row_requests(new, starts)]
 
 

@@ -114,6 +114,24 @@ def test_expand_equals_dense_product():
     np.testing.assert_allclose(got, (A.toarray() @ A.toarray())[4:9], rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("max_product", [1, 7, 40, 1 << 22])
+def test_expand_inflate_by_chunks_is_the_same_bytes(max_product):
+    # Chunks of one row, of a few rows and the whole block at once must give identical bytes.
+    A = sp.random(60, 60, density=0.15, random_state=2, format="csr")
+    A[9] = 0  # an empty row
+    A.eliminate_zeros()
+    blk = A[10:45]
+    ids = np.unique(blk.indices).astype(np.int64)
+    ref = mcl.inflate(mcl.expand(blk, ids, A[ids]), 2.0, 1e-3, 4)
+    got = mcl.expand_inflate(blk, ids, A[ids], 2.0, 1e-3, 4, max_product=max_product)
+    ref.sort_indices()
+    got.sort_indices()
+    assert got.shape == ref.shape
+    np.testing.assert_array_equal(got.indptr, ref.indptr)
+    np.testing.assert_array_equal(got.indices, ref.indices)
+    np.testing.assert_array_equal(got.data, ref.data)
+
+
 def prune_reference(B: np.ndarray, threshold: float, max_entries: int) -> np.ndarray:
     out = np.zeros_like(B)
     for i, row in enumerate(B):
