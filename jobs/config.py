@@ -57,9 +57,12 @@ class KnnConfig:
     min_recall: Optional[float] = None
     query_block: int = 4096
     max_inflight: int = 2
+    gpu: str = "auto"  # auto: shard actors take GPUs when the cluster has them; require; never
 
     def __post_init__(self) -> None:
         _check(self.k >= 1, f"knn.k={self.k} should be >= 1")
+        _check(self.gpu in ("auto", "require", "never"),
+               f"knn.gpu={self.gpu!r} should be auto, require or never")
         _check(self.metric in schema.DISTANCE_NAMES,
                f"knn.metric={self.metric!r} should be one of {sorted(schema.DISTANCE_NAMES)}")
         _check(self.nprobe >= 1, f"knn.nprobe={self.nprobe} should be >= 1")

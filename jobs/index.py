@@ -40,10 +40,12 @@ def sample_part(vectors_uri: str, path: str, count: int, seed: int, metric: str,
 
 
 @ray.remote(max_retries=3)
-def train(template: bytes, xt: np.ndarray) -> bytes:
+def train(d: int, factory: str, metric: str, xt: np.ndarray) -> bytes:
     import faiss
     runtime.limit_threads(1)
-    index = faiss.deserialize_index(np.frombuffer(template, np.uint8))
+    # Built from the factory string here: an untrained OPQ index does not survive
+    # serialize/deserialize (its transform then refuses to train: "not trained yet").
+    index = make_index(d, factory, metric)
     index.train(xt)
     return faiss.serialize_index(index).tobytes()
 
@@ -92,7 +94,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, schema.Manifest]) -> schema.Manif
             xt = np.concatenate(runtime.get(
                 [sample_part.remote(vectors_uri, p.path, int(c), cfg.seed + i, metric, cfg.on_invalid)
                  for i, (p, c) in enumerate(zip(vec.parts, shares)) if c > 0], "train sample"))
-            trained = runtime.unwrap(ray.get, train.remote(faiss.serialize_index(index).tobytes(), xt))
+            trained = runtime.unwrap(ray.get, train.remote(d, cfg.index.factory, metric, xt))
         stats["train_size"] = len(xt)
     storage.put_bytes(storage.join(out.uri, TRAINED), trained)
     trained_ref = ray.put(trained)

@@ -105,7 +105,8 @@ def run(cfg: PipelineConfig, inputs: dict[str, schema.Manifest]) -> schema.Manif
                for i, p in enumerate(vec.parts)]
     done = out.start(planned)
     actors = workers.start_workers(vec, vectors_uri, kc.metric, cfg.ray.actor_cpus, index_uri,
-                                   kc.nprobe, cfg.on_invalid)
+                                   kc.nprobe, cfg.on_invalid,
+                                   workers.gpus_per_worker(kc.gpu, len(vec.parts)))
     sizes = runtime.get([a.size.remote() for a in actors], "load shards", False)
     n_nodes = sum(sizes)
     # Search k+1 per shard: the node itself is dropped by id afterwards.
@@ -120,7 +121,8 @@ def run(cfg: PipelineConfig, inputs: dict[str, schema.Manifest]) -> schema.Manif
         blocks = []
         for a in range(0, max(sizes[i], 1), kc.query_block):
             q = actor.block.remote(a, min(a + kc.query_block, sizes[i]))
-            partials = [s.search.remote(q, kc.k + 1) for s in actors]
+            lists = actor.coarse.remote(q)  # the IVF lists to probe, once for all shards
+            partials = [s.search.remote(q, kc.k + 1, False, lists) for s in actors]
             blocks.append(merge_block.remote(q, kc.k, n_nodes, actors, *partials))
         writes.append(write_part.remote(out.uri, schema.part_name(i), part.id_min, part.id_max,
                                         *blocks))

@@ -50,6 +50,10 @@ class PartWorker:
         runtime.limit_threads(1)
         self.metric = metric
         self.ids, self.x = load_part(vectors_uri, path, metric, on_invalid)
+        self.gpu_part = None  # (ids, x) as cupy arrays when Ray gave this actor a GPU
+        if ray.get_gpu_ids():
+            import cupy
+            self.gpu_part = cupy.asarray(self.ids), cupy.asarray(self.x)
         self.index = None
         if index_uri is not None:
             import faiss
@@ -70,16 +74,34 @@ class PartWorker:
     def block(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         return self.ids[a:b], self.x[a:b]
 
-    def search(self, query: tuple[np.ndarray, np.ndarray], k: int,
-               exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k of the queries in this shard: ((nq, k') float32 D, (nq, k') int64 global ids)."""
+    def coarse(self, query: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The IVF lists to probe for the queries: (Dq, Iq) (nq, nprobe) from the trained coarse
+        quantizer that every shard shares, computed once per query block instead of once per
+        shard; None when this shard is not a plain IndexIVF (Flat, HNSW, OPQ-transformed)."""
+        import faiss
+        if self.index is None or not isinstance(self.index, faiss.IndexIVF) or len(query[1]) == 0:
+            return None
+        return self.index.quantizer.search(query[1], min(self.index.nprobe, self.index.nlist))
+
+    def search(self, query: tuple[np.ndarray, np.ndarray], k: int, exact: bool = False,
+               coarse: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of the queries in this shard: ((nq, k') float32 D, (nq, k') int64 global ids);
+        `coarse` = coarse() of the block, when an IVF shard should skip its own quantizer."""
         _, xq = query
+        if self.gpu_part is not None and (self.index is None or exact):
+            import cupy
+            D, I = knn.search_exact(cupy.asarray(xq), self.gpu_part[1], self.gpu_part[0], k,
+                                    self.metric)
+            return cupy.asnumpy(D), cupy.asnumpy(I)
         if self.index is None or exact:
             return knn.search_exact(xq, self.x, self.ids, k, self.metric)
         kk = min(k, len(self.ids))
         if kk == 0 or len(xq) == 0:
             return np.zeros((len(xq), kk), np.float32), np.zeros((len(xq), kk), np.int64)
-        D, I = self.index.search(xq, kk)
+        if coarse is not None:
+            D, I = self.index.search_preassigned(xq, kk, coarse[1], coarse[0])
+        else:
+            D, I = self.index.search(xq, kk)
         if self.metric == "cosine":
             D = 1 - D
         elif self.metric == "ip":
@@ -107,14 +129,28 @@ class PartWorker:
                                   id_min, id_max)
 
 
+def gpus_per_worker(gpu: str, n_workers: int) -> float:
+    """GPUs each shard actor declares: the cluster's GPUs shared by the actors (at most one
+    each) under knn.gpu=auto|require, none under never or on a cluster without GPUs
+    (require: an error then)."""
+    total = ray.cluster_resources().get("GPU", 0)
+    if gpu == "require" and total == 0:
+        raise InputError("knn.gpu=require but the Ray cluster has no GPUs; use knn.gpu=auto "
+                         "(GPUs when present) or never, or add GPU workers (and the [gpu] extra, cupy)")
+    if gpu == "never" or total == 0:
+        return 0.0
+    return min(1.0, total / max(n_workers, 1))
+
+
 def start_workers(vectors_m: schema.Manifest, vectors_uri: str, metric: str, cpus: float,
                   index_uri: str | None = None, nprobe: int = 1,
-                  on_invalid: str = "error") -> list[Any]:
+                  on_invalid: str = "error", gpus: float = 0.0) -> list[Any]:
     """One PartWorker per vector part. Together they declare at most half the cluster's CPUs,
-    so the tasks they wait on can always be scheduled (no deadlock on 2 cores)."""
+    so the tasks they wait on can always be scheduled (no deadlock on 2 cores); with gpus > 0
+    each declares that share of a GPU and searches its part exactly with cupy there."""
     total = ray.cluster_resources().get("CPU", 1)
     per = max(0.01, min(cpus, 0.5 * total / max(len(vectors_m.parts), 1)))
-    return [PartWorker.options(num_cpus=per).remote(
+    return [PartWorker.options(num_cpus=per, num_gpus=gpus).remote(
         vectors_uri, p.path, metric,
         None if index_uri is None else storage.join(index_uri, schema.shard_index_name(i)), nprobe,
         on_invalid)

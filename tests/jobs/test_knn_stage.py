@@ -66,3 +66,55 @@ def test_zero_vectors_under_cosine_error_or_skip(ray_local, tmp_path, rng, capsy
     np.fill_diagonal(C, np.inf)
     want = keep[np.argsort(C, axis=1, kind="stable")[:, :5]]
     assert (I == want).mean() > 0.99
+
+
+def test_gpu_require_without_gpus_is_an_input_error_and_auto_runs_on_cpu(ray_local, tmp_path, rng, capsys):
+    x = rng.normal(size=(50, 4)).astype(np.float32)
+    np.save(tmp_path / "g.npy", x)
+    args = ["run", "conf/demo.yaml", f"input={tmp_path / 'g.npy'}", "stages=[shard,index,knn]",
+            "knn.k=3"]
+    assert cli.main(args + [f"out={tmp_path / 'on'}", "knn.gpu=require"]) == 2
+    assert "knn.gpu=require" in capsys.readouterr().err
+    assert not (tmp_path / "on" / "graph" / "_manifest.json").exists()
+    assert cli.main(args + [f"out={tmp_path / 'auto'}"]) == 0
+    _, I, D = _graph(tmp_path / "auto")
+    D_true, I_true = _brute(x, 3)
+    assert (I == I_true).all()
+    np.testing.assert_allclose(D, D_true, rtol=1e-5, atol=1e-6)
+
+
+def test_ivf_shards_share_one_coarse_assignment_and_equal_one_faiss_index(ray_local, tmp_path, rng):
+    # The lists to probe are computed once per query block (not once per shard); the merged
+    # P-shard graph must equal one Faiss index holding every vector, searched with that nprobe.
+    import faiss
+    x = (rng.normal(size=(800, 8)) + 4 * rng.integers(0, 6, size=(800, 1))).astype(np.float32)
+    np.save(tmp_path / "v.npy", x)
+    out = tmp_path / "out"
+    k, nprobe = 6, 3
+    api.run(None, f"input={tmp_path / 'v.npy'}", f"out={out}", "stages=[shard,index,knn]",
+            "index.factory=IVF16,Flat", "index.train_size=800", f"knn.nprobe={nprobe}", f"knn.k={k}")
+    index = faiss.read_index(str(out / "index" / "trained.faissindex"))
+    index.add(x)
+    index.nprobe = nprobe
+    D1, I1 = index.search(x, k + 1)
+    own = I1 == np.arange(len(x))[:, None]
+    assert own.any(1).all()  # each node sits in the list it probes first
+    I_ref = np.stack([row[~m][:k] for row, m in zip(I1, own)])
+    D_ref = np.stack([row[~m][:k] for row, m in zip(D1, own)])
+    ids, I, D = _graph(out)
+    assert ids.tolist() == list(range(len(x)))
+    np.testing.assert_array_equal(I, I_ref)
+    np.testing.assert_allclose(D, D_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_opq_factory_searches_each_shard_with_its_own_quantizer(ray_local, tmp_path, rng):
+    # An OPQ-transformed IVF is no plain IndexIVF: no shared assignment, the shards search alone.
+    x = rng.normal(size=(1200, 16)).astype(np.float32)
+    np.save(tmp_path / "o.npy", x)
+    out = tmp_path / "out"
+    api.run(None, f"input={tmp_path / 'o.npy'}", f"out={out}", "stages=[shard,index,knn]",
+            "index.factory=OPQ4,IVF8,PQ4", "index.train_size=1200", "knn.nprobe=8", "knn.k=5")
+    stats = json.loads((out / "graph" / "_manifest.json").read_text())["stats"]
+    ids, I, D = _graph(out)
+    assert (I >= 0).all() and (I != ids[:, None]).all() and stats["holes"] == 0
+    assert 0.2 < stats["recall_at_k"] <= 1.0  # PQ4 codes of 16-d data: approximate, not random
