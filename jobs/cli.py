@@ -79,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="show which stages and parts under OUT are committed")
     st.add_argument("out")
     st.set_defaults(fn=_status)
-    rp = sub.add_parser("report", help="(re)compute OUT/report.json from the committed stages")
+    rp = sub.add_parser("report", help="(re)compute OUT/report.json and .html from the committed stages")
     rp.add_argument("out")
     rp.set_defaults(fn=_report)
     return p

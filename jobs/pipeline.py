@@ -63,5 +63,6 @@ def summary(cfg: PipelineConfig, done: dict[str, Any]) -> str:
         if stage != "report":
             lines.append(f"  {stage:<10}-> {storage.join(cfg.out, schema.STAGE_DIRS[stage])}/")
     if "report" in done:
-        lines.append(f"  {'report':<10}-> {storage.join(cfg.out, report.REPORT)}")
+        lines.append(f"  {'report':<10}-> {storage.join(cfg.out, report.REPORT)}, "
+                     f"{storage.join(cfg.out, report.REPORT_HTML)}")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Report stage: per-stage time, size and quality figures in `OUT/report.json`.
+"""Report stage: per-stage time, size and quality figures in `OUT/report.json`, and the same
+with plots in `OUT/report.html`.
 
 Quality against the vectors' labels is counted per part (contingency tables, hit counts) by
 Ray tasks and added up, so no process holds the labels of the whole collection.
@@ -14,11 +15,12 @@ import pyarrow.compute as pc
 import ray
 
 from vecgraph.clustering import metrics
-from vecgraph.jobs import runtime
+from vecgraph.jobs import report_html, runtime
 from vecgraph.jobs.propagate import SEEDS
 from vecgraph.sharding import schema, storage
 
 REPORT = "report.json"
+REPORT_HTML = "report.html"
 
 
 def _joined(vectors_uri: str, vpath: str, stage_uri: str, spath: str, column: str) -> pa.Table:
@@ -48,6 +50,41 @@ def label_counts(vectors_uri: str, vpath: str, stage_uri: str, spath: str,
     return t.num_rows, int(pc.sum(correct).as_py() or 0), int(pc.sum(pc.is_valid(pred)).as_py() or 0)
 
 
+@ray.remote
+def plot_data(stage: str, uri: str) -> Any:
+    """The per-part summary report_html plots: k-th distances, cluster sizes or score counts."""
+    if stage == "knn":
+        d = storage.read_table(uri, [schema.DISTANCES]).column(schema.DISTANCES)
+        k = d.type.list_size
+        return report_html.kth_distance_sample(
+            d.combine_chunks().flatten().to_numpy().reshape(-1, k) if len(d) else np.zeros((0, k)))
+    if stage == "propagate":
+        t = storage.read_table(uri, [schema.LABEL, schema.SCORE])
+        return report_html.score_histogram(t.column(schema.SCORE).to_numpy(),
+                                           pc.is_valid(t.column(schema.LABEL)).to_numpy(zero_copy_only=False))
+    clusters = storage.read_table(uri, [schema.CLUSTER]).column(schema.CLUSTER)
+    return report_html.cluster_sizes(clusters.to_numpy())
+
+
+def _plot_figures(out: str, manifests: dict[str, schema.Manifest | None]) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for stage in ("knn", "kmeans", "mcl", "propagate"):
+        m = manifests.get(stage)
+        if m is None:
+            continue
+        stage_uri = storage.join(out, schema.STAGE_DIRS[stage])
+        parts = runtime.get([plot_data.remote(stage, storage.join(stage_uri, p.path)) for p in m.parts],
+                            "report plots", False)
+        if stage == "knn":
+            figures["knn_kth_distance"] = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+            figures["knn_distance"] = m.distance
+        elif stage == "propagate":
+            figures["propagate_scores"] = np.sum(parts, axis=0)
+        else:
+            figures[f"{stage}_sizes"] = report_html.add_cluster_sizes(parts)
+    return figures
+
+
 def _clustering_quality(vec: schema.Manifest, vectors_uri: str, m: schema.Manifest,
                         stage_uri: str) -> dict:
     tables = runtime.get([cluster_counts.remote(vectors_uri, v.path, stage_uri, s.path)
@@ -57,7 +94,8 @@ def _clustering_quality(vec: schema.Manifest, vectors_uri: str, m: schema.Manife
 
 
 def run(out: str) -> dict:
-    """Gather every committed stage's figures under OUT; writes and returns the report."""
+    """Gather every committed stage's figures under OUT; writes report.json and report.html and
+    returns the report."""
     manifests = {s: storage.read_manifest(storage.join(out, d)) for s, d in schema.STAGE_DIRS.items()}
     vec = manifests["shard"]
     vectors_uri = storage.join(out, schema.STAGE_DIRS["shard"])
@@ -93,4 +131,6 @@ def run(out: str) -> dict:
                              coverage=covered / n if n else None, evaluated_nodes=n)
         report["stages"][stage] = entry
     storage.write_json(storage.join(out, REPORT), json.dumps(report, indent=2, default=float))
+    storage.put_bytes(storage.join(out, REPORT_HTML),
+                      report_html.render(report, _plot_figures(out, manifests)).encode())
     return report

@@ -5,6 +5,7 @@ from the Parquet outputs read back with pyarrow/pandas/DuckDB, never copied from
 """
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -244,6 +245,26 @@ def test_digits_report(digits_out):
     assert st["kmeans"]["nmi"] > 0.5   # digits cluster well; a broken stage would be near 0
 
 
+def test_digits_report_html(digits_out):
+    out, done = digits_out
+    page = (out / "report.html").read_text()
+    for stage, entry in done["report"]["stages"].items():
+        assert f"<td>{stage}</td>" in page
+        assert f"<td>{entry['rows']:,}</td>" in page
+    images = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]*)"', page)
+    captions = [alt for _, alt in images]
+    assert len(images) == 4, captions
+    for data, _ in images:
+        assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert captions[0].startswith("k-NN graph: distance to the k-th neighbour, 1,797 sampled nodes")
+    for stage, cap in zip(("kmeans", "mcl"), captions[1:3]):
+        sizes = stage_table(out, stage).to_pandas()["cluster"].value_counts()
+        assert cap.startswith(f"{stage}: {len(sizes):,} clusters by size (largest {sizes.max():,}, "
+                              f"singletons {(sizes == 1).sum():,})"), cap
+    labels = stage_table(out, "propagate").to_pandas()
+    assert f"({pd.isna(labels['label']).sum():,} nodes unlabelled" in captions[3]
+
+
 def test_digits_kmeans_distances_are_to_the_centroids(digits_out):
     out, _ = digits_out
     m = manifest(out, "kmeans")
@@ -354,15 +375,15 @@ def test_rerun_skips_committed_stages_and_changed_k_recomputes(digits_out, tmp_p
     src, _ = digits_out
     out = tmp_path / "out"
     shutil.copytree(src, out)   # a copy, so the module's output stays as it was
-    before = file_bytes(out, skip=("report.json",))
+    before = file_bytes(out, skip=("report.json", "report.html"))
     again = run(out, "input=sklearn:digits", "shard.parts=4", "knn.k=10", "kmeans.k=10")
-    assert file_bytes(out, skip=("report.json",)) == before   # manifests and parts unchanged
+    assert file_bytes(out, skip=("report.json", "report.html")) == before   # manifests and parts unchanged
     assert again["knn"] == manifest(src, "knn")
     ids, I10, D10 = graph_arrays(out)
 
     run(out, "input=sklearn:digits", "shard.parts=4", "knn.k=5", "kmeans.k=10",
         "stages=[shard,index,knn,kmeans,mcl]")
-    after = file_bytes(out, skip=("report.json",))
+    after = file_bytes(out, skip=("report.json", "report.html"))
     for stage in ("shard", "index", "kmeans"):   # do not depend on knn.k
         folder = schema.STAGE_DIRS[stage]
         assert {p: b for p, b in after.items() if p.startswith(folder + "/")} == \

@@ -278,7 +278,7 @@ def test_s3_run_writes_the_same_files_as_the_local_run(runs):
     differ = {k for k in local if remote[k] != local[k]}
     # manifests (timings, config hash: the input path differs), plans (config hash), report
     assert differ <= {f"{d}/{n}" for d in schema.STAGE_DIRS.values()
-                      for n in (schema.MANIFEST, schema.PLAN)} | {"report.json"}, differ
+                      for n in (schema.MANIFEST, schema.PLAN)} | {"report.json", "report.html"}, differ
     for stage, folder in schema.STAGE_DIRS.items():
         ml, mr = runs["local"][stage], runs["remote"][stage]
         assert schema.Manifest.from_json(remote[f"{folder}/{schema.MANIFEST}"].decode()) == mr
