@@ -23,14 +23,19 @@ def _brute(x, k):
     return np.take_along_axis(D, order, 1), order
 
 
+def _knn_run(tmp_path, x, *overrides):
+    """shard, index and knn of x (saved as .npy) under tmp_path/out -> (out, graph stats)."""
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "out"
+    api.run(None, f"input={tmp_path / 'x.npy'}", f"out={out}", "stages=[shard,index,knn]", *overrides)
+    return out, json.loads((out / "graph" / "_manifest.json").read_text())["stats"]
+
+
 def test_ivf_holes_are_refilled_exactly(ray_local, tmp_path, rng):
     # 64 lists for 400 points searched with nprobe=1: most lists hold fewer than k+1 points.
     x = rng.normal(size=(400, 8)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    out = tmp_path / "out"
-    api.run(None, f"input={tmp_path / 'x.npy'}", f"out={out}", "stages=[shard,index,knn]",
-            "index.factory=IVF64,Flat", "index.train_size=400", "knn.nprobe=1", "knn.k=15")
-    stats = json.loads((out / "graph" / "_manifest.json").read_text())["stats"]
+    out, stats = _knn_run(tmp_path, x, "index.factory=IVF64,Flat", "index.train_size=400",
+                          "knn.nprobe=1", "knn.k=15")
     assert stats["holes_refilled_rows"] > 0 and stats["holes"] == 0
     ids, I, D = _graph(out)
     D_true, I_true = _brute(x, 15)
@@ -88,11 +93,9 @@ def test_ivf_shards_share_one_coarse_assignment_and_equal_one_faiss_index(ray_lo
     # P-shard graph must equal one Faiss index holding every vector, searched with that nprobe.
     import faiss
     x = (rng.normal(size=(800, 8)) + 4 * rng.integers(0, 6, size=(800, 1))).astype(np.float32)
-    np.save(tmp_path / "v.npy", x)
-    out = tmp_path / "out"
     k, nprobe = 6, 3
-    api.run(None, f"input={tmp_path / 'v.npy'}", f"out={out}", "stages=[shard,index,knn]",
-            "index.factory=IVF16,Flat", "index.train_size=800", f"knn.nprobe={nprobe}", f"knn.k={k}")
+    out, _ = _knn_run(tmp_path, x, "index.factory=IVF16,Flat", "index.train_size=800",
+                      f"knn.nprobe={nprobe}", f"knn.k={k}")
     index = faiss.read_index(str(out / "index" / "trained.faissindex"))
     index.add(x)
     index.nprobe = nprobe
@@ -110,11 +113,8 @@ def test_ivf_shards_share_one_coarse_assignment_and_equal_one_faiss_index(ray_lo
 def test_opq_factory_searches_each_shard_with_its_own_quantizer(ray_local, tmp_path, rng):
     # An OPQ-transformed IVF is no plain IndexIVF: no shared assignment, the shards search alone.
     x = rng.normal(size=(1200, 16)).astype(np.float32)
-    np.save(tmp_path / "o.npy", x)
-    out = tmp_path / "out"
-    api.run(None, f"input={tmp_path / 'o.npy'}", f"out={out}", "stages=[shard,index,knn]",
-            "index.factory=OPQ4,IVF8,PQ4", "index.train_size=1200", "knn.nprobe=8", "knn.k=5")
-    stats = json.loads((out / "graph" / "_manifest.json").read_text())["stats"]
+    out, stats = _knn_run(tmp_path, x, "index.factory=OPQ4,IVF8,PQ4", "index.train_size=1200",
+                          "knn.nprobe=8", "knn.k=5")
     ids, I, D = _graph(out)
     assert (I >= 0).all() and (I != ids[:, None]).all() and stats["holes"] == 0
     assert 0.2 < stats["recall_at_k"] <= 1.0  # PQ4 codes of 16-d data: approximate, not random
