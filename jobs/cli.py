@@ -32,6 +32,7 @@ def _shard(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     """Which stages and parts under OUT are committed, planned but missing, or absent."""
+    _require_folder(args.out)
     for stage, folder in schema.STAGE_DIRS.items():
         uri = storage.join(args.out, folder)
         m = storage.read_manifest(uri)
@@ -53,8 +54,18 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_folder(out: str) -> None:
+    if not storage.exists(out):
+        raise InputError(f"{out}: no such output folder; give the `out` of a vecgraph run")
+
+
 def _report(args: argparse.Namespace) -> int:
     from vecgraph.jobs import report, runtime
+    _require_folder(args.out)
+    if not any(storage.exists(storage.join(args.out, d, schema.MANIFEST))
+               for d in schema.STAGE_DIRS.values()):
+        raise InputError(f"{args.out}: no committed stage to report on; run a config with "
+                         f"out={args.out} first (`vecgraph status {args.out}` shows what is there)")
     runtime.init(config_mod.RayConfig())
     print(json.dumps(report.run(args.out), indent=2, default=float))
     return 0

@@ -113,6 +113,8 @@ class McLConfig:
 
     def __post_init__(self) -> None:
         _check(self.inflation > 1.0, f"mcl.inflation={self.inflation} should be > 1")
+        _check(self.max_iter >= 1, f"mcl.max_iter={self.max_iter} should be >= 1")
+        _check(self.tol >= 0, f"mcl.tol={self.tol} should be >= 0")
         _check(self.max_entries >= 1, f"mcl.max_entries={self.max_entries} should be >= 1")
         _check(0 <= self.prune_threshold < 1,
                f"mcl.prune_threshold={self.prune_threshold} should be in [0, 1)")
@@ -133,6 +135,8 @@ class PropagateConfig:
         _check(self.seeds_per_class is None or self.seeds_per_class >= 1,
                f"propagate.seeds_per_class={self.seeds_per_class} should be >= 1")
         _check(self.niter >= 1, f"propagate.niter={self.niter} should be >= 1")
+        _check(self.max_iter >= self.niter,
+               f"propagate.max_iter={self.max_iter} should be >= propagate.niter={self.niter}")
         _check(self.top_m >= 1, f"propagate.top_m={self.top_m} should be >= 1")
 
 
@@ -142,6 +146,13 @@ class RayConfig:
     num_cpus: Optional[int] = None  # CPUs of the embedded runtime (default: all)
     actor_cpus: float = 0.5         # CPUs declared by each index-holding actor
     object_store_mb: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check(self.num_cpus is None or self.num_cpus >= 1,
+               f"ray.num_cpus={self.num_cpus} should be >= 1 (or null: all CPUs)")
+        _check(self.actor_cpus > 0, f"ray.actor_cpus={self.actor_cpus} should be > 0")
+        _check(self.object_store_mb is None or self.object_store_mb >= 75,
+               f"ray.object_store_mb={self.object_store_mb} should be >= 75 (Ray's minimum) or null")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +199,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}={value!r} has type {type(value).__name__}, expected {tp}")
+        names = " or ".join("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in args)
+        raise ConfigError(f"{key}={value!r} has type {type(value).__name__}, expected {names}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} should be a mapping of keys, got {value!r}")

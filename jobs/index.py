@@ -88,7 +88,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, schema.Manifest]) -> schema.Manif
                              f"{n_train} training vectors available; use at most "
                              f"IVF{max(1, n_train // 39)} (Faiss wants >= 39 points per list) or "
                              f"raise index.train_size")
-        with runtime.timed("index train", stats):
+        with runtime.timed("train_seconds", stats):
             shares = np.random.default_rng(cfg.seed).multinomial(
                 n_train, [p.n_rows / vec.n_rows for p in vec.parts])
             xt = np.concatenate(runtime.get(

@@ -132,7 +132,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, schema.Manifest]) -> schema.Manif
                    "expected_holes": n_nodes * max(0, kc.k - (n_nodes - 1)),
                    "holes_refilled_rows": sum(r[2] for r in results),
                    "zero_vectors_skipped": vec.n_rows - n_nodes}
-    with runtime.timed("recall", stats):
+    with runtime.timed("recall_seconds", stats):
         stats.update(measure_recall(actors, sizes, out.uri, sorted(parts, key=lambda p: p.path),
                                     kc.k, kc.recall_sample, cfg.seed))
     for a in actors:

@@ -75,10 +75,14 @@ def _plots(figures: dict[str, Any]) -> list[tuple[str, str]]:
         if sizes is None or not len(sizes):
             continue
         fig, ax = plt.subplots(figsize=(6, 3.2))
-        bins = np.unique(np.logspace(0, np.log10(max(sizes.max(), 1)) + 1e-9, 30).astype(np.int64))
-        ax.hist(sizes, bins=np.append(bins, bins[-1] + 1))
+        # log-spaced integer bins from the smallest to past the largest size
+        edges = np.unique(np.logspace(np.log10(sizes.min()), np.log10(sizes.max() + 1), 30)
+                          .astype(np.int64))
+        edges = np.append(edges, edges[-1] + 1) if edges[-1] <= sizes.max() else edges
+        counts, _, _ = ax.hist(sizes, bins=edges)
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        if counts.max() > 20:  # many singletons next to a few large clusters
+            ax.set_yscale("log")
         ax.set_xlabel("cluster size (nodes)")
         ax.set_ylabel("clusters")
         out.append((f"{stage}: {len(sizes):,} clusters by size (largest {sizes.max():,}, "

@@ -468,11 +468,22 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[str, list[str], list[str]]]:
         "unknown_key": (str(tmp_path / "nan.npy"), ["knn.kk=3"], [r"unknown config key 'knn\.kk'"]),
         "ill_typed": (str(tmp_path / "nan.npy"), ["knn.k=abc"], [r"knn\.k='abc'", r"int"]),
         "bad_metric": (str(tmp_path / "nan.npy"), ["knn.metric=l3"], [r"knn\.metric='l3'"]),
+        "optional_ill_typed": (str(tmp_path / "nan.npy"), ["knn.min_recall=abc"],
+                               [r"knn\.min_recall='abc' has type str, expected float or null$"]),
+        "mcl_max_iter": (str(tmp_path / "nan.npy"), ["mcl.max_iter=-1"],
+                         [r"mcl\.max_iter=-1 should be >= 1"]),
+        "mcl_tol": (str(tmp_path / "nan.npy"), ["mcl.tol=-5"], [r"mcl\.tol=-5.0 should be >= 0"]),
+        "propagate_max_iter": (str(tmp_path / "nan.npy"), ["propagate.max_iter=0"],
+                               [r"propagate\.max_iter=0 should be >= propagate\.niter=30"]),
+        "ray_num_cpus": (str(tmp_path / "nan.npy"), ["ray.num_cpus=0"], [r"ray\.num_cpus=0 should be >= 1"]),
+        "ray_actor_cpus": (str(tmp_path / "nan.npy"), ["ray.actor_cpus=-1"],
+                           [r"ray\.actor_cpus=-1.0 should be > 0"]),
     }
 
 
 CASES = ["truncated_fvecs", "nan_npy", "fvecs_record_dim", "npy_dims_in_dir", "unknown_key",
-         "ill_typed", "bad_metric"]
+         "ill_typed", "bad_metric", "optional_ill_typed", "mcl_max_iter", "mcl_tol",
+         "propagate_max_iter", "ray_num_cpus", "ray_actor_cpus"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -540,3 +551,15 @@ def test_on_invalid_skip_lists_rejects_and_keeps_id_gaps(tmp_path):
     np.testing.assert_allclose(D, D_ref, rtol=1e-5, atol=1e-4)
     assert not pc.any(pc.is_in(pc.list_flatten(stage_table(out, "knn").column("neighbors")),
                                pa.array(bad))).as_py()
+
+
+def test_status_and_report_refuse_a_missing_or_empty_output(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert cli.main(["status", str(missing)]) == 2
+    assert cli.main(["report", str(missing)]) == 2
+    assert f"{missing}: no such output folder" in capsys.readouterr().err
+    assert not missing.exists()  # nothing written for a mistyped path
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["report", str(tmp_path / "empty")]) == 2
+    assert "no committed stage to report on" in capsys.readouterr().err
+    assert list((tmp_path / "empty").iterdir()) == []
