@@ -62,6 +62,7 @@ def _plots(figures: dict[str, Any]) -> list[tuple[str, str]]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     out = []
     if (kth := figures.get("knn_kth_distance")) is not None and len(kth):
         fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -83,6 +84,8 @@ def _plots(figures: dict[str, Any]) -> list[tuple[str, str]]:
         ax.set_xscale("log")
         if counts.max() > 20:  # many singletons next to a few large clusters
             ax.set_yscale("log")
+        else:
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("cluster size (nodes)")
         ax.set_ylabel("clusters")
         out.append((f"{stage}: {len(sizes):,} clusters by size (largest {sizes.max():,}, "
