@@ -12,7 +12,7 @@ from vecgraph.jobs import runtime
 from vecgraph.jobs.config import PipelineConfig, stage_config
 from vecgraph.jobs.stage import StageOutput
 from vecgraph.sharding import readers, schema, storage
-from vecgraph.sharding.errors import InputError
+from vecgraph.sharding.errors import SKIP_HINT, InputError
 from vecgraph.sharding.parts import PartWriter
 
 
@@ -66,7 +66,7 @@ def check_duplicates(src: readers.Source, n_buckets: int, chunk_rows: int,
         fpath, frec = readers.locate(src, first)
         raise InputError(f"{path}: record {rec}: id {value!r} in column {src.id_column!r} repeats "
                          f"{fpath} record {frec} ({len(found)} repeated ids in all); make ids unique, "
-                         f"or set on_invalid=skip to keep the first of each")
+                         f"or {SKIP_HINT} to keep the first of each")
     return {row: f"duplicate id {value!r} (first at row {first})" for row, value, first in found}
 
 
@@ -91,7 +91,7 @@ def shard_part(src: readers.Source, stage_uri: str, i: int, start: int, stop: in
                 rid, path, rec, why = rows.rejects[0]
                 more = f" ({len(rows.rejects) - 1} more bad rows nearby)" if len(rows.rejects) > 1 else ""
                 raise InputError(f"{path}: record {rec} (row id {rid}): {why}{more}. Fix the input, "
-                                 f"or set on_invalid=skip to drop bad rows (listed in "
+                                 f"or {SKIP_HINT} to drop bad rows (listed in "
                                  f"vectors/{schema.REJECTS})")
             rejects += rows.rejects
             w.write(schema.vectors_table(rows.ids, rows.x, rows.labels, rows.source_ids))

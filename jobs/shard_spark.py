@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from vecgraph.jobs.config import PipelineConfig, stage_config
 from vecgraph.jobs.stage import StageOutput
 from vecgraph.sharding import readers, schema, storage
-from vecgraph.sharding.errors import InputError
+from vecgraph.sharding.errors import SKIP_HINT, InputError
 from vecgraph.sharding.parts import PartWriter
 
 log = logging.getLogger("vecgraph")
@@ -318,7 +318,7 @@ def _duplicates(rows: Any, job: _Job) -> Any:
         (path, rec), (fpath, frec) = job.locate(row), job.locate(first)
         raise InputError(f"{path}: record {rec}: id {value!r} in column {job.id_column!r} repeats "
                          f"{fpath} record {frec} ({found['n']} repeated ids in all); make ids "
-                         f"unique, or set on_invalid=skip to keep the first of each")
+                         f"unique, or {SKIP_HINT} to keep the first of each")
     return rows.join(dups.select(schema.ID, _FIRST), schema.ID, "left")
 
 
@@ -426,8 +426,8 @@ class _PartSink:
         elif rejects and self.job.on_invalid == "error":
             rid, path, rec, why = rejects[0]
             more = f" ({len(rejects) - 1} more bad rows nearby)" if len(rejects) > 1 else ""
-            self.error = (f"{path}: record {rec} (row id {rid}): {why}{more}. Fix the input, or set "
-                          f"on_invalid=skip to drop bad rows (listed in vectors/{schema.REJECTS})")
+            self.error = (f"{path}: record {rec} (row id {rid}): {why}{more}. Fix the input, or "
+                          f"{SKIP_HINT} to drop bad rows (listed in vectors/{schema.REJECTS})")
         else:
             self.rejects += rejects
             self.writer.write(table)
