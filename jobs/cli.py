@@ -62,10 +62,6 @@ def _require_folder(out: str) -> None:
 def _report(args: argparse.Namespace) -> int:
     from vecgraph.jobs import report, runtime
     _require_folder(args.out)
-    if not any(storage.exists(storage.join(args.out, d, schema.MANIFEST))
-               for d in schema.STAGE_DIRS.values()):
-        raise InputError(f"{args.out}: no committed stage to report on; run a config with "
-                         f"out={args.out} first (`vecgraph status {args.out}` shows what is there)")
     runtime.init(config_mod.RayConfig())
     print(json.dumps(report.run(args.out), indent=2, default=float))
     return 0

@@ -18,6 +18,7 @@ from vecgraph.clustering import metrics
 from vecgraph.jobs import report_html, runtime
 from vecgraph.jobs.propagate import SEEDS
 from vecgraph.sharding import schema, storage
+from vecgraph.sharding.errors import InputError
 
 REPORT = "report.json"
 REPORT_HTML = "report.html"
@@ -54,10 +55,8 @@ def label_counts(vectors_uri: str, vpath: str, stage_uri: str, spath: str,
 def plot_data(stage: str, uri: str) -> Any:
     """The per-part summary report_html plots: k-th distances, cluster sizes or score counts."""
     if stage == "knn":
-        d = storage.read_table(uri, [schema.DISTANCES]).column(schema.DISTANCES)
-        k = d.type.list_size
         return report_html.kth_distance_sample(
-            d.combine_chunks().flatten().to_numpy().reshape(-1, k) if len(d) else np.zeros((0, k)))
+            schema.list_column(storage.read_table(uri, [schema.DISTANCES]), schema.DISTANCES, np.float32))
     if stage == "propagate":
         t = storage.read_table(uri, [schema.LABEL, schema.SCORE])
         return report_html.score_histogram(t.column(schema.SCORE).to_numpy(),
@@ -97,6 +96,9 @@ def run(out: str) -> dict:
     """Gather every committed stage's figures under OUT; writes report.json and report.html and
     returns the report."""
     manifests = {s: storage.read_manifest(storage.join(out, d)) for s, d in schema.STAGE_DIRS.items()}
+    if not any(manifests.values()):
+        raise InputError(f"{out}: no committed stage to report on; run a config with out={out} "
+                         f"first (`vecgraph status {out}` shows what is there)")
     vec = manifests["shard"]
     vectors_uri = storage.join(out, schema.STAGE_DIRS["shard"])
     labelled = vec is not None and bool(vec.extra.get("has_labels"))

@@ -88,13 +88,13 @@ class PartWorker:
         """Top-k of the queries in this shard: ((nq, k') float32 D, (nq, k') int64 global ids);
         `coarse` = coarse() of the block, when an IVF shard should skip its own quantizer."""
         _, xq = query
-        if self.gpu_part is not None and (self.index is None or exact):
+        if self.index is None or exact:
+            if self.gpu_part is None:
+                return knn.search_exact(xq, self.x, self.ids, k, self.metric)
             import cupy
             D, I = knn.search_exact(cupy.asarray(xq), self.gpu_part[1], self.gpu_part[0], k,
                                     self.metric)
             return cupy.asnumpy(D), cupy.asnumpy(I)
-        if self.index is None or exact:
-            return knn.search_exact(xq, self.x, self.ids, k, self.metric)
         kk = min(k, len(self.ids))
         if kk == 0 or len(xq) == 0:
             return np.zeros((len(xq), kk), np.float32), np.zeros((len(xq), kk), np.int64)

@@ -553,7 +553,7 @@ def test_on_invalid_skip_lists_rejects_and_keeps_id_gaps(tmp_path):
                                pa.array(bad))).as_py()
 
 
-def test_status_and_report_refuse_a_missing_or_empty_output(tmp_path, capsys):
+def test_status_and_report_refuse_a_missing_or_empty_output(ray_local, tmp_path, capsys):
     missing = tmp_path / "nope"
     assert cli.main(["status", str(missing)]) == 2
     assert cli.main(["report", str(missing)]) == 2
